@@ -1,0 +1,181 @@
+"""``mtprune.prune``: score, allocate, and physically remove channels to reach a budget.
+
+Exactly one target: ``target_macs`` or ``target_params`` (the fraction of the original kept, in (0, 1)) or
+``channel_ratio`` (the fraction of candidate channels removed). MACs and parameter targets are reached by
+bisection on the removal fraction, each trial measured exactly on a pruned copy, until within ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..measure import layer_macs
+from ..utils.errors import MTPruneInputError
+from .allocate import Plan, plan_removal
+from .criteria import Criterion, get_criterion
+from .graph import PruningGraph
+from .stats import StatisticsEngine, static_stats
+
+
+@dataclass
+class PruneReport:
+    criterion: str
+    target: dict[str, float]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    removed: int
+    seconds: float
+    batches: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
+
+
+def count(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
+    """(parameters, per-sample MACs)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, _ = layer_macs(model, example_inputs[:1])
+    model.train(was)
+    return sum(p.numel() for p in model.parameters()), sum(macs.values())
+
+
+def _check_target(target_macs, target_params, channel_ratio) -> tuple[str, float]:
+    given = {k: v for k, v in {"target_macs": target_macs, "target_params": target_params,
+                                "channel_ratio": channel_ratio}.items() if v is not None}
+    if len(given) != 1:
+        raise MTPruneInputError(f"give exactly one of target_macs, target_params, channel_ratio (got {sorted(given)})")
+    (name, value), = given.items()
+    if not 0 < value < 1:
+        raise MTPruneInputError(f"{name} must be in (0, 1), got {value}")
+    return name, float(value)
+
+
+def as_losses(losses: Mapping) -> dict:
+    """Accept loss callables or ``Task`` objects (their ``.loss``)."""
+    return {k: getattr(v, "loss", v) for k, v in losses.items()}
+
+
+def criterion_scores(model: nn.Module, graph: PruningGraph, criterion: Criterion, *, data: Iterable | None = None,
+                     losses: Mapping | None = None, batches: int | None = None,
+                     engine: StatisticsEngine | None = None) -> dict[int, Tensor]:
+    """Per-group scores of the candidate groups. Gradient criteria need ``data`` and ``losses``."""
+    if criterion.needs_data:
+        if engine is None:
+            if data is None or losses is None:
+                raise ValueError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
+            engine = StatisticsEngine(model, graph, as_losses(losses), [criterion])
+            was = model.training
+            model.eval()  # statistics with frozen BN statistics and no dropout noise
+            try:
+                engine.run(data, batches)
+            finally:
+                model.train(was)
+        raw = engine.averaged(criterion)
+        scores = criterion.finalize(raw)
+    else:
+        scores = {s.group.index: criterion.score(s) for s in static_stats(model, graph)}
+    return {k: v.detach().float().cpu() for k, v in scores.items()
+            if v is not None and criterion.applies_to(graph.groups[k])}
+
+
+def _plan_by_root(graph: PruningGraph, plan: Plan) -> dict[str, list[int]]:
+    return {graph.groups[i].root: idxs for i, idxs in plan.items()}
+
+
+def _apply(model: nn.Module, example_inputs: Tensor, plan_by_root: Mapping[str, list[int]],
+           graph: PruningGraph | None = None, **graph_kw) -> PruningGraph:
+    graph = graph or PruningGraph(model, example_inputs, **graph_kw)
+    index = {g.root: g.index for g in graph.groups}
+    graph.prune({index[r]: idxs for r, idxs in plan_by_root.items()})
+    return graph
+
+
+def search_fraction(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, scores: Mapping[int, Tensor],
+                    measure: str, goal: float, plan_kw: dict, graph_kw: dict, tolerance: float = 0.005,
+                    max_trials: int = 20) -> tuple[Plan, float]:
+    """Bisection on the removal fraction so that the kept MACs (or params) hit ``goal`` (absolute)."""
+    pick = 1 if measure == "macs" else 0
+    lo, hi = 0.0, 1.0
+    best: tuple[float, Plan, float] | None = None
+    for _ in range(max_trials):
+        mid = (lo + hi) / 2
+        plan = plan_removal(graph.groups, scores, mid, **plan_kw)
+        trial = copy.deepcopy(model)
+        _apply(trial, example_inputs, _plan_by_root(graph, plan), **graph_kw)
+        value = count(trial, example_inputs)[pick]
+        err = abs(value - goal) / goal
+        if best is None or err < best[0]:
+            best = (err, plan, mid)
+        if err <= tolerance:
+            break
+        if value > goal:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[2]
+
+
+def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion = "l1", *,
+          target_macs: float | None = None, target_params: float | None = None,
+          channel_ratio: float | None = None, data: Iterable | None = None, losses: Mapping | None = None,
+          batches: int | None = 8, allocator: str = "global", min_channels: int = 5, round_to: int = 1,
+          part_ratios: Mapping[str, float] | None = None, protected: Iterable[str] = (),
+          parts: Mapping[str, str] | None = None, seed: int = 0, tolerance: float = 0.005,
+          engine: StatisticsEngine | None = None, graph: PruningGraph | None = None) -> PruneReport:
+    """Prune ``model`` in place, physically. Returns a ``PruneReport``.
+
+    Pruning replaces Parameter objects: rebuild optimizers (and EMA, DDP wrappers) afterwards.
+    """
+    start = time.perf_counter()
+    name, value = _check_target(target_macs, target_params, channel_ratio)
+    if allocator not in ("global", "layer"):
+        raise MTPruneInputError(f"allocator must be 'global' or 'layer', got {allocator!r}")
+    crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
+    if crit.needs_data and (data is None or losses is None) and engine is None:
+        raise ValueError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
+    graph_kw = {"protected": tuple(protected), "parts": parts, "min_channels": 1}
+    graph = graph or PruningGraph(model, example_inputs, **graph_kw)
+    params0, macs0 = count(model, example_inputs)
+    widths0 = graph.widths()
+    scores = criterion_scores(model, graph, crit, data=data, losses=losses, batches=batches, engine=engine)
+    if not scores:
+        raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model")
+    plan_kw = {"mode": allocator, "normalize": crit.normalize, "min_channels": min_channels, "round_to": round_to,
+               "part_ratios": part_ratios}
+    if name == "channel_ratio":
+        plan, fraction = plan_removal(graph.groups, scores, value, **plan_kw), value
+    else:
+        goal = value * (macs0 if name == "target_macs" else params0)
+        plan, fraction = search_fraction(model, example_inputs, graph, scores, name.split("_")[1], goal, plan_kw,
+                                         graph_kw, tolerance)
+    graph = _apply(model, example_inputs, _plan_by_root(graph, plan), graph=graph)
+    model.mtprune_input_shape = list(example_inputs.shape[1:])
+    params1, macs1 = count(model, example_inputs)
+    return PruneReport(
+        criterion=crit.name, target={name: value}, params_before=params0, params_after=params1,
+        macs_before=macs0, macs_after=macs1, widths_before=widths0, widths_after=graph.widths(),
+        removed=sum(len(v) for v in plan.values()), seconds=time.perf_counter() - start,
+        batches=engine.batches if engine is not None else (batches or 0) if crit.needs_data else 0,
+        extra={"fraction": fraction, "allocator": allocator},
+    )

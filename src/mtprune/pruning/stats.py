@@ -1,0 +1,196 @@
+"""One statistics engine for every data-driven criterion.
+
+Per batch it runs **one forward** and then **T backward passes** (``torch.autograd.grad`` with
+``retain_graph``), one per task, asking autograd only for what the chosen criteria need:
+
+- ``task_weight_grads``: ∂L_t/∂W for each group's producer weights, as ``[C, D]`` rows;
+- ``task_gate_taylor``: Σ_{n,h,w} a · ∂L_t/∂a at each group's gates (Molchanov et al., CVPR 2019).
+
+Summed-loss statistics follow by linearity (∂ΣL_t = Σ ∂L_t), so they cost nothing extra. Each criterion turns
+the batch statistics of a group into per-channel scores; the engine averages them over the batches of an
+interval and, under ``torch.distributed``, all-reduces the sums across ranks before any decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..models.validate import check_multitask_output
+from ..utils.errors import MTPruneInputError
+from .graph import ChannelGroup, PruningGraph
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+TASK_WEIGHT_GRADS = "task_weight_grads"
+TASK_GATE_TAYLOR = "task_gate_taylor"
+
+
+def weight_rows(module: nn.Module) -> Tensor:
+    """A producer's weight as ``[out_channels, -1]`` rows."""
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+@dataclass
+class GroupStats:
+    """What a criterion sees of one channel group (weights always; gradients when asked for)."""
+
+    group: ChannelGroup
+    weight: Tensor  # [C, D]: the producers' weight rows, concatenated
+    norm_weight: Tensor | None  # [C]: Σ |γ| over the group's normalisation layers
+    task_weight_grads: dict[str, Tensor] = field(default_factory=dict)  # task → [C, D]
+    task_gate_taylor: dict[str, Tensor] = field(default_factory=dict)  # task → [C]
+
+
+def group_weights(model: nn.Module, group: ChannelGroup) -> tuple[Tensor, Tensor | None]:
+    modules = dict(model.named_modules())
+    weight = torch.cat([weight_rows(modules[n]).detach() for n in group.producers], dim=1)
+    gammas = [modules[n].weight.detach().abs() for n in group.norms if getattr(modules[n], "weight", None) is not None]
+    return weight, (torch.stack(gammas).sum(0) if gammas else None)
+
+
+def static_stats(model: nn.Module, graph: PruningGraph) -> list[GroupStats]:
+    """Weight-only statistics: no data needed."""
+    return [GroupStats(g, *group_weights(model, g)) for g in graph.groups]
+
+
+def check_losses(losses: Mapping[str, Loss], outputs: Mapping[str, Tensor]) -> None:
+    missing = sorted(set(losses) - set(outputs))
+    if missing:
+        raise MTPruneInputError(f"losses given for tasks the model does not output: {missing}; "
+                                f"model outputs {sorted(outputs)}")
+
+
+def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                losses: Mapping[str, Loss]) -> dict[str, Tensor]:
+    """Per-task losses; a non-finite loss is refused with the task's name (it must not decide a pruning step)."""
+    check_losses(losses, outputs)
+    out = {}
+    for task, fn in losses.items():
+        if task not in targets:
+            raise MTPruneInputError(f"the data has no target for task {task!r}; targets: {sorted(targets)}")
+        value = fn(outputs[task], targets[task])
+        if not torch.isfinite(value):
+            raise MTPruneInputError(f"the loss of task {task!r} is {value.item()}: refusing to use it")
+        out[task] = value
+    return out
+
+
+class StatisticsEngine:
+    """Gathers per-batch statistics for a set of criteria and accumulates their per-channel scores."""
+
+    def __init__(self, model: nn.Module, graph: PruningGraph, losses: Mapping[str, Loss],
+                 criteria: Iterable, device: torch.device | None = None) -> None:
+        self.model, self.graph, self.losses = model, graph, dict(losses)
+        self.criteria = list(criteria)
+        self.needs = set().union(*(c.needs for c in self.criteria)) if self.criteria else set()
+        self.device = device or next(model.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new interval: scores of removed filters are never reused."""
+        self.sums: dict[str, dict[int, object]] = {c.name: {} for c in self.criteria}
+        self.batches = 0
+
+    def _gather(self, images: Tensor, targets: Mapping[str, Tensor]) -> tuple[list[GroupStats], dict[str, float]]:
+        modules = dict(self.model.named_modules())
+        groups = self.graph.groups
+        captured: dict[str, Tensor] = {}
+        hooks = []
+        if TASK_GATE_TAYLOR in self.needs:
+            for name in {n for g in groups for n in g.gates}:
+                hooks.append(modules[name].register_forward_hook(
+                    lambda m, a, out, name=name: captured.__setitem__(name, out)))
+        try:
+            outputs = check_multitask_output(self.model(images))
+        finally:
+            for h in hooks:
+                h.remove()
+        losses = task_losses(outputs, targets, self.losses)
+        producers = sorted({n for g in groups for n in g.producers}) if TASK_WEIGHT_GRADS in self.needs else []
+        gates = sorted(captured)
+        inputs = [modules[n].weight for n in producers] + [captured[n] for n in gates]
+        per_task: dict[str, dict[str, Tensor]] = {}
+        names = list(losses)
+        for i, task in enumerate(names):
+            grads = torch.autograd.grad(losses[task], inputs, retain_graph=i < len(names) - 1, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+            per_task[task] = {"w:" + n: g.reshape(g.shape[0], -1) for n, g in zip(producers, grads, strict=False)}
+            for n, g in zip(gates, grads[len(producers):], strict=True):
+                act = captured[n].detach()
+                per_task[task]["gate:" + n] = (act * g).transpose(0, 1).reshape(act.shape[1], -1).sum(1)
+        stats = []
+        for g in groups:
+            s = GroupStats(g, *group_weights(self.model, g))
+            for task in names:
+                if TASK_WEIGHT_GRADS in self.needs:
+                    s.task_weight_grads[task] = torch.cat([per_task[task]["w:" + n] for n in g.producers], dim=1)
+                if TASK_GATE_TAYLOR in self.needs:
+                    s.task_gate_taylor[task] = torch.stack([per_task[task]["gate:" + n] for n in g.gates]).sum(0)
+            stats.append(s)
+        return stats, {t: float(v.detach()) for t, v in losses.items()}
+
+    def step(self, images: Tensor, targets: Mapping[str, Tensor]) -> dict[str, float]:
+        """One batch: one forward, T backward passes; accumulate every criterion's batch scores."""
+        images = images.to(self.device)
+        targets = {k: v.to(self.device) for k, v in targets.items()}
+        stats, losses = self._gather(images, targets)
+        for crit in self.criteria:
+            acc = self.sums[crit.name]
+            for s in stats:
+                value = crit.batch_score(s)
+                if value is not None:
+                    acc[s.group.index] = _add(acc.get(s.group.index), value)
+        self.batches += 1
+        return losses
+
+    def run(self, data: Iterable, max_batches: int | None = None) -> None:
+        for i, (images, targets) in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            self.step(images, targets)
+        if self.batches == 0:
+            raise MTPruneInputError("no batches were seen: the data is empty")
+
+    def averaged(self, criterion) -> dict[int, object]:
+        """Mean batch scores of one criterion, reduced across DDP ranks; NaN is refused."""
+        acc = self.sums[criterion.name]
+        count = torch.tensor([float(self.batches)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            acc = {k: _map(v, _all_reduce) for k, v in acc.items()}
+            count = _all_reduce(count)
+        out = {k: _map(v, lambda t: (t.double() / count.item()).float()) for k, v in acc.items()}
+        for k, v in out.items():
+            for t in _leaves(v):
+                if not torch.isfinite(t).all():
+                    raise MTPruneInputError(f"statistics of group {k} contain NaN/Inf: refusing to prune on them")
+        return out
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(device).clone()
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def _map(value, fn):
+    if isinstance(value, dict):
+        return {k: fn(v) for k, v in value.items()}
+    return fn(value)
+
+
+def _leaves(value):
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
+def _add(acc, value):
+    value = _map(value, lambda t: t.detach().double().cpu())
+    if acc is None:
+        return value
+    if isinstance(value, dict):
+        return {k: acc[k] + v for k, v in value.items()}
+    return acc + value
