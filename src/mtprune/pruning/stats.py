@@ -95,7 +95,7 @@ class StatisticsEngine:
         self.sums: dict[str, dict[int, object]] = {c.name: {} for c in self.criteria}
         self.batches = 0
 
-    def _gather(self, images: Tensor, targets: Mapping[str, Tensor]) -> tuple[list[GroupStats], dict[str, float]]:
+    def _gather(self, images: Tensor, targets: Mapping[str, Tensor], params: list[Tensor]):
         modules = dict(self.model.named_modules())
         groups = self.graph.groups
         captured: dict[str, Tensor] = {}
@@ -112,16 +112,25 @@ class StatisticsEngine:
         losses = task_losses(outputs, targets, self.losses)
         producers = sorted({n for g in groups for n in g.producers}) if TASK_WEIGHT_GRADS in self.needs else []
         gates = sorted(captured)
-        inputs = [modules[n].weight for n in producers] + [captured[n] for n in gates]
+        weights = [modules[n].weight for n in producers]
+        inputs = weights + [captured[n] for n in gates]
+        known = {id(w): i for i, w in enumerate(weights)}
+        extra = [p for p in params if id(p) not in known]
+        inputs += extra
+        slot = {id(p): i for i, p in enumerate(inputs) if i < len(weights) or i >= len(weights) + len(gates)}
         per_task: dict[str, dict[str, Tensor]] = {}
+        summed: list[Tensor | None] = [None] * len(params)
         names = list(losses)
         for i, task in enumerate(names):
             grads = torch.autograd.grad(losses[task], inputs, retain_graph=i < len(names) - 1, allow_unused=True)
             grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
             per_task[task] = {"w:" + n: g.reshape(g.shape[0], -1) for n, g in zip(producers, grads, strict=False)}
-            for n, g in zip(gates, grads[len(producers):], strict=True):
+            for n, g in zip(gates, grads[len(producers):], strict=False):
                 act = captured[n].detach()
                 per_task[task]["gate:" + n] = (act * g).transpose(0, 1).reshape(act.shape[1], -1).sum(1)
+            for j, p in enumerate(params):
+                g = grads[slot[id(p)]]
+                summed[j] = g if summed[j] is None else summed[j] + g
         stats = []
         for g in groups:
             s = GroupStats(g, *group_weights(self.model, g))
@@ -131,13 +140,21 @@ class StatisticsEngine:
                 if TASK_GATE_TAYLOR in self.needs:
                     s.task_gate_taylor[task] = torch.stack([per_task[task]["gate:" + n] for n in g.gates]).sum(0)
             stats.append(s)
-        return stats, {t: float(v.detach()) for t, v in losses.items()}
+        return stats, {t: float(v.detach()) for t, v in losses.items()}, summed
 
-    def step(self, images: Tensor, targets: Mapping[str, Tensor]) -> dict[str, float]:
-        """One batch: one forward, T backward passes; accumulate every criterion's batch scores."""
+    def step(self, images: Tensor, targets: Mapping[str, Tensor],
+             params: list[Tensor] | None = None) -> dict[str, float]:
+        """One batch: one forward, T backward passes; accumulate every criterion's batch scores.
+
+        With ``params``, the gradient of the summed loss Σ_t L_t is also written into each ``param.grad``
+        (from the same T backward passes), so a training step costs no extra pass.
+        """
         images = images.to(self.device)
         targets = {k: v.to(self.device) for k, v in targets.items()}
-        stats, losses = self._gather(images, targets)
+        params = list(params or [])
+        stats, losses, summed = self._gather(images, targets, params)
+        for p, g in zip(params, summed, strict=True):
+            p.grad = g.detach()
         for crit in self.criteria:
             acc = self.sums[crit.name]
             for s in stats:

@@ -1,0 +1,253 @@
+"""Pruning schedules and retraining from scratch.
+
+- ``iterative_prune``: N steps, each pruning to target^(i/N) of the original cost, then fine-tuning with the
+  trainer; every step is saved, so ``resume=True`` continues after a kill.
+- ``interleaved_prune``: Garg, Zhang, Guan (arXiv 2304.06840, 2023): while training continues, every
+  ``interval`` iterations remove ``filters_per_step`` filters ranked by scores averaged over the interval;
+  before each removal the weights with the lowest validation loss are restored; AdamW with cosine annealing
+  restarted every ``restart_epochs``. The per-layer width trajectory is recorded.
+- ``rebuild_from_widths``: the same architecture as a recorded pruned model, randomly re-initialised, for
+  Garg et al.'s comparison of fine-tuning against retraining from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..engine.evaluate import evaluate
+from ..engine.trainer import TrainConfig, Trainer
+from ..io import load as load_model
+from ..io import save as save_model
+from ..tasks import Task
+from ..utils.atomic import atomic_write_json
+from ..utils.errors import MTPruneInputError
+from .allocate import plan_removal
+from .criteria import Criterion, get_criterion
+from .graph import PruningGraph, apply_widths
+from .prune import as_losses, count, criterion_scores, prune
+from .stats import StatisticsEngine
+
+
+@dataclass
+class StepRecord:
+    """One point of a schedule's trajectory."""
+
+    step: int
+    params: int
+    macs: int
+    metrics: dict[str, dict[str, float]]
+    widths: dict[str, int]
+    iteration: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _default_rebuild(model: nn.Module) -> Callable[[], nn.Module]:
+    spec = getattr(model, "mtprune_spec", None)
+    if spec is None:
+        raise MTPruneInputError("a schedule of a non-zoo model needs rebuild=<factory of the unpruned model>")
+    from ..models import build_model
+
+    return lambda: build_model(spec["builder"], **spec["kwargs"])
+
+
+def _stats_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def _write_state(run_dir: Path, records: list[StepRecord], **extra) -> None:
+    atomic_write_json(run_dir / "schedule.json", {"records": [asdict(r) for r in records], **extra})
+
+
+def _read_state(run_dir: Path) -> list[StepRecord]:
+    import json
+
+    path = run_dir / "schedule.json"
+    if not path.is_file():
+        return []
+    try:
+        return [StepRecord(**r) for r in json.loads(path.read_text())["records"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise MTPruneInputError(f"{path}: corrupt schedule state ({err})") from None
+
+
+def _record(step: int, model: nn.Module, example_inputs: Tensor, graph_widths: dict[str, int],
+            val: Dataset, tasks: Mapping[str, Task], device: str, eval_batch_size: int, **kw) -> StepRecord:
+    params, macs = count(model, example_inputs)
+    metrics = evaluate(model, val, tasks, device=device, batch_size=eval_batch_size)
+    return StepRecord(step, params, macs, metrics, graph_widths, **kw)
+
+
+def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str, Task], train_set: Dataset,
+                    val_set: Dataset, run_dir: str | Path, *, criterion: str | Criterion = "taylor",
+                    target_macs: float | None = None, target_params: float | None = None, steps: int = 3,
+                    finetune: TrainConfig | None = None, stats_batches: int = 8, stats_batch_size: int = 8,
+                    rebuild: Callable[[], nn.Module] | None = None, resume: bool = False,
+                    on_step: Callable[[StepRecord], None] | None = None, **prune_kw) -> tuple[nn.Module, list]:
+    """Prune in ``steps`` steps with fine-tuning between them. Returns the final model and the trajectory
+    (step 0 is the model as given). Each step writes ``steps/<i>/model.mtp`` and ``schedule.json``."""
+    if (target_macs is None) == (target_params is None):
+        raise MTPruneInputError("iterative_prune needs exactly one of target_macs, target_params")
+    goal = target_macs if target_macs is not None else target_params
+    if not 0 < goal < 1:
+        raise MTPruneInputError(f"the pruning target must be in (0, 1), got {goal}")
+    run_dir = Path(run_dir)
+    finetune = finetune or TrainConfig(epochs=1)
+    rebuild = rebuild or _default_rebuild(model)
+    crit = get_criterion(criterion, seed=finetune.seed) if isinstance(criterion, str) else criterion
+    pick = 1 if target_macs is not None else 0
+    records = _read_state(run_dir) if resume else []
+    if records:
+        done = records[-1].step
+        if done > 0:
+            model = load_model(run_dir / "steps" / str(done) / "model.mtp", base=rebuild())
+    else:
+        records = [_record(0, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
+                           finetune.device, finetune.eval_batch_size or finetune.batch_size)]
+        _write_state(run_dir, records)
+    original = (records[0].params, records[0].macs)[pick]
+    for step in range(records[-1].step + 1, steps + 1):
+        step_dir = run_dir / "steps" / str(step)
+        pruned_path = step_dir / "pruned.mtp"
+        if resume and pruned_path.is_file():
+            model = load_model(pruned_path, base=rebuild())
+        else:
+            current = count(model, example_inputs)[pick]
+            relative = min(original * goal ** (step / steps) / current, 0.999)
+            target = {"target_macs" if pick else "target_params": relative}
+            data = _stats_loader(train_set, stats_batch_size, finetune.seed + step)
+            prune(model, example_inputs, crit, data=data, losses=as_losses(tasks), batches=stats_batches,
+                  **target, **prune_kw)
+            save_model(model, pruned_path, example_inputs=example_inputs)
+        cfg = TrainConfig(**{**asdict(finetune), "resume": resume and (step_dir / "checkpoints").is_dir()})
+        if cfg.epochs > 0:
+            summary = Trainer(model, tasks, train_set, val_set, step_dir, cfg).fit()
+            if summary.best_checkpoint:
+                state = torch.load(summary.best_checkpoint, map_location="cpu", weights_only=True)
+                model.load_state_dict(state["model"])
+        save_model(model, step_dir / "model.mtp", example_inputs=example_inputs)
+        rec = _record(step, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
+                      cfg.device, cfg.eval_batch_size or cfg.batch_size)
+        records.append(rec)
+        _write_state(run_dir, records)
+        if on_step:
+            on_step(rec)
+    return model, records
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, start: int) -> Iterator[tuple[int, object]]:
+    """An endless stream of (iteration, batch); epoch e is shuffled by (seed, e), so a resume at ``start`` sees
+    exactly the batches an uninterrupted run would."""
+    n = math.ceil(len(dataset) / batch_size)
+    it = start
+    while True:
+        epoch, offset = divmod(it, n)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        loader = DataLoader(torch.utils.data.Subset(dataset, order[offset * batch_size:].tolist()),
+                            batch_size=batch_size)
+        for batch in loader:
+            yield it, batch
+            it += 1
+
+
+def _val_loss(model: nn.Module, val_set: Dataset, tasks: Mapping[str, Task], device: str, bs: int) -> float:
+    scores = evaluate(model, val_set, tasks, device=device, batch_size=bs, with_loss=True)
+    return sum(scores[t]["loss"] for t in tasks)
+
+
+def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str, Task], train_set: Dataset,
+                      val_set: Dataset, run_dir: str | Path, *, criterion: str | Criterion = "cosprune",
+                      interval: int = 500, filters_per_step: int = 100, max_steps: int = 10,
+                      target_macs: float | None = None, target_params: float | None = None,
+                      evals_per_interval: int = 2, lr: float = 5e-5, weight_decay: float = 1e-2,
+                      restart_epochs: int = 10, batch_size: int = 8, min_channels: int = 5, seed: int = 0,
+                      device: str = "auto", rebuild: Callable[[], nn.Module] | None = None, resume: bool = False,
+                      on_step: Callable[[StepRecord], None] | None = None) -> tuple[nn.Module, list]:
+    """Garg et al.'s interleaved schedule; stops after ``max_steps`` removals or once the target is met."""
+    from ..utils.runtime import resolve_device
+
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    rebuild = rebuild or _default_rebuild(model)
+    crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
+    losses = as_losses(tasks)
+    records = _read_state(run_dir) if resume else []
+    if records and records[-1].step > 0:
+        model = load_model(run_dir / "steps" / str(records[-1].step) / "model.mtp", base=rebuild())
+    model.to(dev)
+    x = example_inputs.to(dev)
+    if not records:
+        records = [_record(0, model, x, PruningGraph(model, x).widths(), val_set, tasks, device, batch_size,
+                           iteration=0)]
+        _write_state(run_dir, records)
+    p0, m0 = records[0].params, records[0].macs
+    iters_per_epoch = math.ceil(len(train_set) / batch_size)
+    eval_every = max(interval // max(evals_per_interval, 1), 1)
+
+    def reached() -> bool:
+        last = records[-1]
+        return (target_macs is not None and last.macs <= target_macs * m0) or (
+            target_params is not None and last.params <= target_params * p0)
+
+    start = records[-1].iteration or 0
+    stream = _batches(train_set, batch_size, seed, start)
+    while records[-1].step < max_steps and not reached():
+        graph = PruningGraph(model, x)
+        engine = StatisticsEngine(model, graph, losses, [crit], device=dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(restart_epochs * iters_per_epoch, 1))
+        best_loss, best_state = math.inf, None
+        model.train()
+        for it, (images, targets) in stream:
+            opt.zero_grad(set_to_none=True)
+            engine.step(images, {k: v for k, v in targets.items() if k in losses}, params=params)
+            opt.step()
+            sched.step()
+            done = it + 1 - start
+            if done % eval_every == 0:
+                vloss = _val_loss(model, val_set, tasks, device, batch_size)
+                if vloss < best_loss:
+                    best_loss, best_state = vloss, copy.deepcopy(model.state_dict())
+                model.train()
+            if done >= interval:
+                break
+        start += interval
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        scores = criterion_scores(model, graph, crit, engine=engine)
+        candidates = sum(g.channels for g in graph.groups if g.index in scores)
+        plan = plan_removal(graph.groups, scores, min(filters_per_step / max(candidates, 1), 1.0),
+                            normalize=crit.normalize, min_channels=min_channels)
+        if not plan:
+            break
+        graph.prune(plan)
+        step = records[-1].step + 1
+        save_model(model, run_dir / "steps" / str(step) / "model.mtp", example_inputs=x.cpu())
+        records.append(_record(step, model, x, graph.widths(), val_set, tasks, device, batch_size, iteration=start,
+                               extra={"best_val_loss": best_loss}))
+        _write_state(run_dir, records)
+        if on_step:
+            on_step(records[-1])
+    return model, records
+
+
+def rebuild_from_widths(rebuild: Callable[[], nn.Module], example_inputs: Tensor,
+                        widths: Mapping[str, int], seed: int = 0) -> nn.Module:
+    """A fresh model with the recorded widths and a new random initialisation (PyTorch's default init of each
+    layer, re-run after shrinking so the fan-in of the thin layers is respected)."""
+    torch.manual_seed(seed)
+    model = rebuild()
+    apply_widths(model, example_inputs, dict(widths))
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+    model.mtprune_input_shape = list(example_inputs.shape[1:])
+    return model
