@@ -1,0 +1,18 @@
+"""mtprune: compress multi-task neural networks and measure what it cost, task by task.
+
+Public API (stable): ``build_model``, ``prune``, ``save``, ``load``, ``profile``, ``evaluate``,
+``tasks.preset``, ``data.load``.
+"""
+
+from __future__ import annotations
+
+from . import data, tasks
+from .engine.evaluate import evaluate
+from .io import load, save
+from .measure import profile
+from .models import build_model
+from .pruning.prune import prune
+
+__version__ = "0.1.0"
+
+__all__ = ["build_model", "data", "evaluate", "load", "profile", "prune", "save", "tasks"]

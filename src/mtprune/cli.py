@@ -1,0 +1,96 @@
+"""The ``mtprune`` command: a thin layer over the library.
+
+Exit codes: 0 success; 2 bad input (one clear line, ``--debug`` adds the traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+from .utils.errors import MTPruneInputError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtprune", description="Compress multi-task neural networks.")
+    p.add_argument("--debug", action="store_true", help="print tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job on the default data, end to end")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--resume", action="store_true")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    train = sub.add_parser("train", help="train a multi-task model from a YAML config")
+    train.add_argument("config")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    train.add_argument("--resume", action="store_true")
+    train.add_argument("--overwrite", action="store_true")
+
+    pr = sub.add_parser("prune", help="train (or load) a model, prune it on a schedule, fine-tune, report")
+    pr.add_argument("config")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    pr.add_argument("--resume", action="store_true")
+    pr.add_argument("--overwrite", action="store_true")
+
+    prof = sub.add_parser("profile", help="parameters, MACs per task subset and latency of a .mtp model")
+    prof.add_argument("model")
+    prof.add_argument("--input-shape", default=None, help="C,H,W (default: the shape stored in the file)")
+    prof.add_argument("--batch-size", type=int, default=1)
+    prof.add_argument("--threads", type=int, default=None)
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--json", dest="json_out", default=None, help="also write the profile as JSON")
+
+    rep = sub.add_parser("report", help="(re)write report.md and plots of a prune run directory")
+    rep.add_argument("run_dir")
+
+    ev = sub.add_parser("evaluate", help="evaluate a run directory on its validation split")
+    ev.add_argument("target", help="a run directory (or a .mtp file with --config)")
+    ev.add_argument("--config", default=None, help="config of the data and tasks, for a .mtp file")
+    ev.add_argument("--split", default=None)
+    ev.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import commands  # noqa: F401  (registers the command implementations)
+
+    try:
+        code = COMMANDS[args.command](args)
+        return int(code or 0)
+    except MTPruneInputError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mtprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001
+        if args.debug:
+            traceback.print_exc()
+        print(f"mtprune: internal error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

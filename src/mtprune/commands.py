@@ -1,0 +1,197 @@
+"""Implementations of the ``mtprune`` sub-commands (registered into ``cli.COMMANDS``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from . import recipe
+from .cli import command
+from .config import RunConfig, apply_overrides, dump_config, load_config, parse_config
+from .engine.evaluate import evaluate
+from .engine.trainer import Trainer
+from .io import load as load_model
+from .io import read as read_model
+from .measure import profile
+from .pipeline import compress, read_summary
+from .report.run_report import write_run_report
+from .utils.atomic import atomic_write_json, atomic_write_text
+from .utils.errors import MTPruneInputError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def print_metrics(title: str, metrics: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for task, values in metrics.items():
+        for name, value in values.items():
+            table.add_row(task, name, f"{value:.4f}")
+    _console().print(table)
+
+
+def run_training(cfg: RunConfig, run_dir: Path, *, quiet: bool, resume: bool):
+    """Train the configured model in ``run_dir``; returns (model, tasks, val set, summary)."""
+    tasks = recipe.build_tasks(cfg)
+    train_set, val_set = recipe.build_datasets(cfg, tasks)
+    model = recipe.build_configured_model(cfg, tasks)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    summary = Trainer(model, tasks, train_set, val_set, run_dir,
+                      recipe.train_options(cfg, quiet=quiet, resume=resume)).fit()
+    return model, tasks, val_set, summary
+
+
+def load_best(model: torch.nn.Module, run_dir: Path) -> None:
+    path = run_dir / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise MTPruneInputError(f"{run_dir}: no checkpoints/best.pt; has the run trained an epoch?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable or unsafe file)
+        raise MTPruneInputError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    model.load_state_dict(state["model"])
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
+                                     resume=args.resume)
+    _, _, _, summary = run_training(cfg, run_dir, quiet=args.quiet, resume=args.resume)
+    print_metrics(f"best validation metrics (epoch {summary.best_epoch})", summary.best_metrics)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+@command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if target.suffix == ".mtp":
+        if not args.config:
+            raise MTPruneInputError("evaluating a .mtp file needs --config (for the data and the tasks)")
+        cfg = load_config(args.config)
+        tasks = recipe.build_tasks(cfg)
+        model = load_model(target, base=recipe.build_configured_model(cfg, tasks))
+        out_dir = target.parent
+    else:
+        if not (target / "config.yaml").is_file():
+            raise MTPruneInputError(f"{target}: not a run directory (no config.yaml) nor a .mtp file")
+        cfg = load_config(target / "config.yaml")
+        tasks = recipe.build_tasks(cfg)
+        model = recipe.build_configured_model(cfg, tasks)
+        if (target / "model.mtp").is_file():
+            model = load_model(target / "model.mtp", base=model)
+        else:
+            load_best(model, target)
+        out_dir = target
+    from . import data as data_mod
+
+    split = args.split or cfg.data.val_split
+    dataset = data_mod.load(cfg.data.name, root=cfg.data.root, split=split, tasks=list(tasks), **cfg.data.kwargs)
+    scores = evaluate(model, dataset, tasks, device=args.device, batch_size=cfg.train.eval_batch_size)
+    print_metrics(f"{target} on {split}", scores)
+    atomic_write_json(out_dir / f"eval_{split}.json", scores)
+    return 0
+
+
+DEMO_CONFIG = {
+    "name": "demo",
+    "data": {"name": "synthetic_scenes"},
+    "tasks": {"preset": "synthetic_scenes"},
+    "model": {"name": "deeplab_resnet34", "width": 0.25, "head": "aspp_v2", "head_kwargs": {"hidden": 128}},
+    "train": {"epochs": 8, "batch_size": 16, "lr": 0.002, "optimizer": "adam", "scheduler": "cosine"},
+    "prune": {"criterion": "cosprune", "target_macs": 0.5, "schedule": "iterative", "steps": 2,
+              "stats_batches": 4, "finetune": {"epochs": 2, "batch_size": 16, "lr": 0.0005}},
+}
+
+
+def print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    tasks = summary["tasks"]
+    table = Table(title=f"{summary['name']}: dense against compressed")
+    table.add_column("model")
+    for t, ms in tasks.items():
+        table.add_column(f"{t} {next(iter(ms))}", justify="right")
+    for col in ("Δm %", "params (M)", "MMACs", "latency ms"):
+        table.add_column(col, justify="right")
+    for r in summary["models"]:
+        cells = [f"{r['metrics'][t][next(iter(ms))]:.2f}" for t, ms in tasks.items()]
+        dm = f"{r['delta_m']:+.2f}" if r["delta_m"] is not None else "–"
+        table.add_row(r["name"], *cells, dm, f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}",
+                      f"{r['latency_ms']:.1f}")
+    _console().print(table)
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    raw = apply_overrides(json.loads(json.dumps(DEMO_CONFIG)), args.overrides)
+    raw["device"] = args.device
+    cfg = parse_config(raw, "demo config")
+    run_dir = recipe.prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    summary = compress(cfg, run_dir, quiet=args.quiet, resume=args.resume)
+    print_summary(summary)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+@command("prune")
+def cmd_prune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.prune is None:
+        raise MTPruneInputError(f"{args.config}: no 'prune' section")
+    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
+                                     resume=args.resume)
+    summary = compress(cfg, run_dir, quiet=args.quiet, resume=args.resume)
+    print_summary(summary)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    path = write_run_report(run_dir, read_summary(run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+@command("profile")
+def cmd_profile(args: argparse.Namespace) -> int:
+    _, meta = read_model(args.model)
+    model = load_model(args.model)
+    shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else meta.get("input_shape")
+    if not shape:
+        raise MTPruneInputError(f"{args.model}: no input shape stored; pass --input-shape C,H,W")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .utils.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model.to(device)
+    prof = profile(model, torch.zeros(args.batch_size, *shape, device=device), subsets_latency=True)
+    from rich.table import Table
+
+    table = Table(title=f"{args.model}: {prof.params / 1e6:.3f} M params, {prof.macs / 1e6:.1f} MMACs, "
+                        f"{prof.latency_ms:.2f} ms (batch {args.batch_size}, {torch.get_num_threads()} threads)")
+    table.add_column("task subset")
+    table.add_column("MMACs", justify="right")
+    table.add_column("latency ms", justify="right")
+    for subset, macs in prof.macs_per_subset.items():
+        lat = prof.latency_per_subset_ms.get(subset)
+        table.add_row(subset, f"{macs / 1e6:.1f}", f"{lat:.2f}" if lat is not None else "–")
+    _console().print(table)
+    if args.json_out:
+        atomic_write_json(args.json_out, prof.to_dict())
+    return 0

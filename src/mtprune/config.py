@@ -1,0 +1,166 @@
+"""Run configuration: YAML files validated by pydantic; a bad key or value is named with the reason.
+
+Configs are kept apart from code (Vandenhende et al., MTL-PyTorch). ``--set a.b=value`` overrides a key;
+the value is parsed as YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .utils.errors import MTPruneInputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    name: str = "synthetic_scenes"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    augment: bool = True
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TasksConfig(_Strict):
+    preset: str = "synthetic_scenes"
+    names: list[str] | None = None  # a subset of the preset's tasks
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    name: str = "deeplab_resnet18"
+    width: float = Field(1.0, gt=0, le=8)
+    head: str | None = None
+    head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["none", "step", "cosine"] = "cosine"
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    weighting: Literal["equal", "fixed", "uncertainty", "dwa"] = "equal"
+    weights: dict[str, float] | None = None  # for "fixed"
+    dwa_temperature: float = Field(2.0, gt=0)
+    amp: bool = True  # CUDA only
+    grad_clip: float | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    eval_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _fixed_needs_weights(self) -> TrainSection:
+        if self.weighting == "fixed" and not self.weights:
+            raise ValueError("weighting 'fixed' needs 'weights' (task name -> weight)")
+        return self
+
+
+class PruneSection(_Strict):
+    """How to compress: criterion, exactly one target, allocation, schedule, fine-tuning."""
+
+    start: str | None = None  # a run directory (its best checkpoint) or a .mtp file; default: train it first
+    criterion: str = "taylor"
+    criterion_kwargs: dict[str, Any] = Field(default_factory=dict)
+    target_macs: float | None = Field(None, gt=0, lt=1)
+    target_params: float | None = Field(None, gt=0, lt=1)
+    channel_ratio: float | None = Field(None, gt=0, lt=1)
+    schedule: Literal["one_shot", "iterative", "interleaved"] = "iterative"
+    steps: int = Field(3, ge=1)
+    allocator: Literal["global", "layer"] = "global"
+    min_channels: int = Field(5, ge=1)
+    round_to: int = Field(1, ge=1)
+    part_ratios: dict[str, float] = Field(default_factory=dict)
+    stats_batches: int = Field(8, ge=1)
+    stats_batch_size: int = Field(8, ge=1)
+    finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4))
+    # interleaved schedule (Garg et al. 2023)
+    interval: int = Field(500, ge=1)
+    filters_per_step: int = Field(100, ge=1)
+    max_steps: int = Field(10, ge=1)
+    retrain_from_scratch: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneSection:
+        given = [k for k in ("target_macs", "target_params", "channel_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of target_macs, target_params, channel_ratio (got {given or 'none'})")
+        if self.schedule != "one_shot" and self.channel_ratio is not None:
+            raise ValueError(f"schedule {self.schedule!r} needs target_macs or target_params")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    prune: PruneSection | None = None
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    return f"{source}: config key '{key}': {msg}{more}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``lr=1e-3``, ``names=[seg,depth]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise MTPruneInputError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MTPruneInputError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: Any, source: str = "config", schema: type[BaseModel] = RunConfig) -> BaseModel:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MTPruneInputError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise MTPruneInputError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] = RunConfig):
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MTPruneInputError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MTPruneInputError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    raw = apply_overrides(raw or {}, overrides or [])
+    return parse_config(raw, str(path), schema)
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
