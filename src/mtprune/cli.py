@@ -8,19 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Callable
 
 from .utils.errors import MTPruneInputError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
-
-
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
-
-    return register
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.md and plots of a prune run directory")
     rep.add_argument("run_dir")
 
+    bench = sub.add_parser("bench", help="run a benchmark suite; results go to benchmarks/results/SUITE/")
+    bench.add_argument("suite")
+    bench.add_argument("--scale", default="cpu", help="model/input scale of the suite (e.g. small, cpu, gpu)")
+    bench.add_argument("--out", default=None)
+    bench.add_argument("--threads", type=int, default=2)
+
     ev = sub.add_parser("evaluate", help="evaluate a run directory on its validation split")
     ev.add_argument("target", help="a run directory (or a .mtp file with --config)")
     ev.add_argument("--config", default=None, help="config of the data and tasks, for a .mtp file")
@@ -71,9 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import commands  # noqa: F401  (registers the command implementations)
-
     try:
+        from .commands import COMMANDS
+
         code = COMMANDS[args.command](args)
         return int(code or 0)
     except MTPruneInputError as err:

@@ -1,15 +1,15 @@
-"""Implementations of the ``mtprune`` sub-commands (registered into ``cli.COMMANDS``)."""
+"""Implementations of the ``mtprune`` sub-commands and their registry ``COMMANDS``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import recipe
-from .cli import command
 from .config import RunConfig, apply_overrides, dump_config, load_config, parse_config
 from .engine.evaluate import evaluate
 from .engine.trainer import Trainer
@@ -20,6 +20,18 @@ from .pipeline import compress, read_summary
 from .report.run_report import write_run_report
 from .utils.atomic import atomic_write_json, atomic_write_text
 from .utils.errors import MTPruneInputError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str):
+    """Register a sub-command implementation under ``name``."""
+
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
 
 
 def _console():
@@ -110,9 +122,9 @@ DEMO_CONFIG = {
     "data": {"name": "synthetic_scenes"},
     "tasks": {"preset": "synthetic_scenes"},
     "model": {"name": "deeplab_resnet34", "width": 0.25, "head": "aspp_v2", "head_kwargs": {"hidden": 128}},
-    "train": {"epochs": 8, "batch_size": 16, "lr": 0.002, "optimizer": "adam", "scheduler": "cosine"},
-    "prune": {"criterion": "cosprune", "target_macs": 0.5, "schedule": "iterative", "steps": 2,
-              "stats_batches": 4, "finetune": {"epochs": 2, "batch_size": 16, "lr": 0.0005}},
+    "train": {"epochs": 30, "batch_size": 16, "lr": 0.001, "optimizer": "adam", "scheduler": "cosine"},
+    "prune": {"criterion": "cosprune", "target_macs": 0.5, "schedule": "iterative", "steps": 3,
+              "stats_batches": 8, "finetune": {"epochs": 4, "batch_size": 16, "lr": 0.0005}},
 }
 
 
@@ -120,7 +132,7 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     tasks = summary["tasks"]
-    table = Table(title=f"{summary['name']}: dense against compressed")
+    table = Table(title=f"{summary['name']}: dense against pruned ({summary['criterion']}, {summary['schedule']})")
     table.add_column("model")
     for t, ms in tasks.items():
         table.add_column(f"{t} {next(iter(ms))}", justify="right")
@@ -194,4 +206,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _console().print(table)
     if args.json_out:
         atomic_write_json(args.json_out, prof.to_dict())
+    return 0
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_suite
+
+    result = run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1, default=str)[:4000])
     return 0

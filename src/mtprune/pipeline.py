@@ -41,10 +41,13 @@ def _load_best(model: nn.Module, run_dir: Path) -> None:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
 
 
-def _dense_model(cfg: RunConfig, tasks, train_set, val_set, run_dir: Path, quiet: bool, resume: bool) -> nn.Module:
+def _dense_model(cfg: RunConfig, tasks, train_set, val_set, run_dir: Path, quiet: bool, resume: bool):
+    """The dense model, and the metrics of its random initialisation when it is trained here."""
     start = cfg.prune.start
     model = recipe.build_configured_model(cfg, tasks)
+    untrained = None
     if start is None:
+        untrained = evaluate(model, val_set, tasks, device=cfg.device, batch_size=cfg.train.eval_batch_size)
         dense_dir = run_dir / "dense"
         opts = recipe.train_options(cfg, quiet=quiet, resume=resume and (dense_dir / "checkpoints").is_dir())
         Trainer(model, tasks, train_set, val_set, dense_dir, opts).fit()
@@ -53,16 +56,19 @@ def _dense_model(cfg: RunConfig, tasks, train_set, val_set, run_dir: Path, quiet
         model = load_model(start, base=model)
     else:
         _load_best(model, Path(start))
-    return model
+    return model, untrained
+
+
+def _safe_delta_m(metrics, reference, tasks) -> float | None:
+    try:
+        return delta_m(metrics, reference, tasks)
+    except MTPruneInputError:  # a reference metric of 0: Δm is undefined
+        return None
 
 
 def _row(name: str, model: nn.Module, x: torch.Tensor, metrics, reference, tasks, **extra) -> dict:
     prof = profile(model, x, repeats=10)
-    try:
-        dm = delta_m(metrics, reference, tasks)
-    except MTPruneInputError:  # a reference metric of 0: Δm is undefined
-        dm = None
-    return {"name": name, "metrics": metrics, "delta_m": dm,
+    return {"name": name, "metrics": metrics, "delta_m": _safe_delta_m(metrics, reference, tasks),
             "params": prof.params, "macs": prof.macs, "latency_ms": prof.latency_ms,
             "macs_per_subset": prof.macs_per_subset, "setting": prof.setting, **extra}
 
@@ -76,7 +82,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     train_set, val_set = recipe.build_datasets(cfg, tasks)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     x = val_set[0][0].unsqueeze(0)
-    model = _dense_model(cfg, tasks, train_set, val_set, run_dir, quiet, resume)
+    model, untrained = _dense_model(cfg, tasks, train_set, val_set, run_dir, quiet, resume)
     save_model(model, run_dir / "dense.mtp", example_inputs=x)
     eval_bs = cfg.train.eval_batch_size
     dense_metrics = evaluate(model, val_set, tasks, device=cfg.device, batch_size=eval_bs)
@@ -90,7 +96,15 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     prune_dir = run_dir / "prune"
     common = {"allocator": p.allocator, "min_channels": p.min_channels, "round_to": p.round_to,
               "part_ratios": p.part_ratios or None}
-    if p.schedule == "interleaved":
+    pagcp_report = None
+    if p.allocator == "pagcp":  # PAGCP (Ye et al. 2023): loss-constrained rounds, fine-tuned in between
+        from .pruning.pagcp import pagcp_schedule
+
+        model, records, pagcp_report = pagcp_schedule(
+            model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, target_macs=p.target_macs,
+            settings=p.pagcp.model_dump(), finetune=finetune, stats_batches=p.stats_batches,
+            stats_batch_size=p.stats_batch_size, min_channels=p.min_channels, seed=cfg.seed)
+    elif p.schedule == "interleaved":
         model, records = interleaved_prune(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, interval=p.interval,
             filters_per_step=p.filters_per_step, max_steps=p.max_steps, target_macs=p.target_macs,
@@ -113,7 +127,11 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     pruned_metrics = evaluate(model, val_set, tasks, device=cfg.device, batch_size=eval_bs)
     widths_after = PruningGraph(model, x).widths()
     rows = [_row("dense", load_model(run_dir / "dense.mtp", base=rebuild()), x, dense_metrics, dense_metrics, tasks),
-            _row(f"pruned ({criterion.name}, {p.schedule})", model, x, pruned_metrics, dense_metrics, tasks)]
+            _row("pruned", model, x, pruned_metrics, dense_metrics, tasks)]
+    if untrained is not None:
+        same_cost = {k: rows[0][k] for k in ("params", "macs", "latency_ms", "macs_per_subset", "setting")}
+        rows.insert(0, {"name": "untrained", "metrics": untrained,
+                        "delta_m": _safe_delta_m(untrained, dense_metrics, tasks), **same_cost})
     if p.retrain_from_scratch:
         scratch = rebuild_from_widths(rebuild, x, widths_after, seed=cfg.seed)
         opts = recipe.train_options(cfg, quiet=quiet, resume=resume and (run_dir / "scratch").is_dir())
@@ -132,6 +150,8 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
         "widths_before": widths_before,
         "widths_after": widths_after,
     }
+    if pagcp_report is not None:  # per round: per-layer ratios and per-task loss ratios
+        summary["pagcp"] = pagcp_report
     atomic_write_json(run_dir / "summary.json", summary)
     write_run_report(run_dir, summary)
     return summary
