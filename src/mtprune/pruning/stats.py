@@ -45,10 +45,25 @@ class GroupStats:
     task_gate_taylor: dict[str, Tensor] = field(default_factory=dict)  # task → [C]
 
 
+def to_group(group: ChannelGroup, name: str, rows: Tensor) -> Tensor:
+    """Rows indexed by module ``name``'s output channels → rows indexed by the group's channels (its out map).
+
+    The map is the identity for most layers; it is not when a producer reaches the group through a
+    concatenation (e.g. ``cat([a(x), b(x)]) + c(x)``: channels 4..7 of ``c`` are channels 0..3 of ``b``'s group).
+    """
+    cmap = group.out_maps.get(name)
+    if cmap is None or (rows.shape[0] == group.channels and cmap.root == cmap.local == list(range(group.channels))):
+        return rows
+    out = rows.new_zeros((group.channels, *rows.shape[1:]))
+    local = torch.tensor(cmap.local, device=rows.device)
+    return out.index_add_(0, torch.tensor(cmap.root, device=rows.device), rows.index_select(0, local))
+
+
 def group_weights(model: nn.Module, group: ChannelGroup) -> tuple[Tensor, Tensor | None]:
     modules = dict(model.named_modules())
-    weight = torch.cat([weight_rows(modules[n]).detach() for n in group.producers], dim=1)
-    gammas = [modules[n].weight.detach().abs() for n in group.norms if getattr(modules[n], "weight", None) is not None]
+    weight = torch.cat([to_group(group, n, weight_rows(modules[n]).detach()) for n in group.producers], dim=1)
+    gammas = [to_group(group, n, modules[n].weight.detach().abs()) for n in group.norms
+              if getattr(modules[n], "weight", None) is not None]
     return weight, (torch.stack(gammas).sum(0) if gammas else None)
 
 
@@ -104,12 +119,27 @@ class StatisticsEngine:
             for name in {n for g in groups for n in g.gates}:
                 hooks.append(modules[name].register_forward_hook(
                     lambda m, a, out, name=name: captured.__setitem__(name, out)))
+        # frozen layers are candidates too (the graph traces them): they must show up in autograd here
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
         try:
-            outputs = check_multitask_output(self.model(images))
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                try:
+                    outputs = check_multitask_output(self.model(images))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                losses = task_losses(outputs, targets, self.losses)
+                return self._backward(losses, captured, modules, params)
         finally:
-            for h in hooks:
-                h.remove()
-        losses = task_losses(outputs, targets, self.losses)
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def _backward(self, losses: dict[str, Tensor], captured: dict[str, Tensor], modules: dict[str, nn.Module],
+                  params: list[Tensor]):
+        """T backward passes on one forward's graph; non-finite statistics are refused with the task's name."""
+        groups = self.graph.groups
         producers = sorted({n for g in groups for n in g.producers}) if TASK_WEIGHT_GRADS in self.needs else []
         gates = sorted(captured)
         weights = [modules[n].weight for n in producers]
@@ -124,6 +154,11 @@ class StatisticsEngine:
         for i, task in enumerate(names):
             grads = torch.autograd.grad(losses[task], inputs, retain_graph=i < len(names) - 1, allow_unused=True)
             grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+            looked = grads[:len(producers) + len(gates)]
+            if looked and not bool(torch.stack([torch.isfinite(g).all() for g in looked]).all()):
+                bad = [n for n, g in zip(producers + gates, looked, strict=True) if not torch.isfinite(g).all()]
+                raise MTPruneInputError(f"the gradients of task {task!r} contain NaN/Inf (at {bad[:3]}): "
+                                        "refusing to prune on them")
             per_task[task] = {"w:" + n: g.reshape(g.shape[0], -1) for n, g in zip(producers, grads, strict=False)}
             for n, g in zip(gates, grads[len(producers):], strict=False):
                 act = captured[n].detach()
@@ -136,9 +171,11 @@ class StatisticsEngine:
             s = GroupStats(g, *group_weights(self.model, g))
             for task in names:
                 if TASK_WEIGHT_GRADS in self.needs:
-                    s.task_weight_grads[task] = torch.cat([per_task[task]["w:" + n] for n in g.producers], dim=1)
+                    s.task_weight_grads[task] = torch.cat(
+                        [to_group(g, n, per_task[task]["w:" + n]) for n in g.producers], dim=1)
                 if TASK_GATE_TAYLOR in self.needs:
-                    s.task_gate_taylor[task] = torch.stack([per_task[task]["gate:" + n] for n in g.gates]).sum(0)
+                    s.task_gate_taylor[task] = torch.stack(
+                        [to_group(g, n, per_task[task]["gate:" + n]) for n in g.gates]).sum(0)
             stats.append(s)
         return stats, {t: float(v.detach()) for t, v in losses.items()}, summed
 
@@ -156,6 +193,8 @@ class StatisticsEngine:
         for p, g in zip(params, summed, strict=True):
             p.grad = g.detach()
         for crit in self.criteria:
+            if not crit.needs_data:  # weight-only criteria score the weights directly
+                continue
             acc = self.sums[crit.name]
             for s in stats:
                 value = crit.batch_score(s)
