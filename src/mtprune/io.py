@@ -68,6 +68,8 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise MTPruneInputError(f"{path}: corrupt metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise MTPruneInputError(f"{path}: corrupt metadata (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
         raise MTPruneInputError(f"{path}: not an mtprune model file (format {meta.get('format')!r})")
     if meta["version"] > VERSION:
@@ -86,18 +88,25 @@ def load(path: str | Path, base: nn.Module | None = None, *, strict: bool = True
         model = base
     elif meta.get("spec"):
         spec = meta["spec"]
-        model = build_model(spec["builder"], **spec["kwargs"])
+        try:
+            model = build_model(spec["builder"], **spec["kwargs"])
+        except (MTPruneInputError, KeyError, TypeError) as err:
+            raise MTPruneInputError(f"{path}: cannot rebuild the model from its metadata ({err!r})") from None
     else:
         raise MTPruneInputError(f"{path}: not a zoo model; pass base=<a fresh instance of the model class>")
     current = model.state_dict()
     if any(k in current and tuple(current[k].shape) != tuple(v.shape) for k, v in tensors.items()):
         if not meta.get("input_shape"):
-            raise MTPruneInputError(f"{path}: pruned model saved without input_shape; cannot rebuild its widths")
-        x = torch.zeros(1, *meta["input_shape"])
-        graph = PruningGraph(model, x)
-        widths = {g.root: int(tensors[f"{g.root}.weight"].shape[0]) for g in graph.groups
-                  if f"{g.root}.weight" in tensors}
-        apply_widths(model, x, widths)
+            raise MTPruneInputError(f"{path}: the stored weights do not have the shapes of the model to load them "
+                                    "into, and no input_shape was saved to rebuild pruned widths")
+        try:
+            x = torch.zeros(1, *meta["input_shape"])
+            graph = PruningGraph(model, x)
+            widths = {g.root: int(tensors[f"{g.root}.weight"].shape[0]) for g in graph.groups
+                      if f"{g.root}.weight" in tensors}
+            apply_widths(model, x, widths)
+        except (MTPruneInputError, TypeError, ValueError, RuntimeError) as err:
+            raise MTPruneInputError(f"{path}: cannot rebuild the pruned widths ({err})") from None
         model.mtprune_input_shape = meta["input_shape"]
     try:
         model.load_state_dict(tensors, strict=strict)

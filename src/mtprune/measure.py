@@ -12,7 +12,8 @@ import inspect
 import itertools
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +22,18 @@ from torch import Tensor, nn
 from .models.validate import check_multitask_output
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside; afterwards every module gets its own ``training`` flag back (mixed modes survive)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def _layer_macs(module: nn.Module, inp: Tensor, out: Tensor) -> int:
@@ -66,7 +79,7 @@ def task_layers(model: nn.Module, outputs: Mapping[str, Tensor]) -> dict[str, se
 def part_of(name: str, tasks: Iterable[str]) -> str:
     """``heads.<task>.…`` belongs to that task's head; everything else to the shared part."""
     for task in tasks:
-        if name.startswith(f"heads.{task}."):
+        if name == f"heads.{task}" or name.startswith(f"heads.{task}."):  # a head may be a single layer
             return task
     return "backbone"
 
@@ -124,14 +137,19 @@ def profile(model: nn.Module, example_inputs: Tensor | tuple, *, latency: bool =
     MACs are per sample. Latency is the median of ``repeats`` timed forwards after ``warmup`` runs, at the
     batch size of ``example_inputs`` (or ``batch_size``), with the current ``torch.get_num_threads()``.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x = example_inputs[0] if isinstance(example_inputs, tuple) else example_inputs
         probe = x[:1]
-        with torch.enable_grad():
-            macs, outputs = layer_macs(model, probe)
-            used = task_layers(model, outputs)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        try:  # which layers a task uses is read from autograd: frozen layers must show up in it
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                macs, outputs = layer_macs(model, probe)
+                used = task_layers(model, outputs)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
         tasks = list(outputs)
         params_per_part: dict[str, int] = {}
         for name, p in model.named_parameters():
@@ -169,5 +187,3 @@ def profile(model: nn.Module, example_inputs: Tensor | tuple, *, latency: bool =
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                               "warmup": warmup, "repeats": repeats}
         return result
-    finally:
-        model.train(was_training)

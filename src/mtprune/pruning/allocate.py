@@ -55,7 +55,7 @@ def plan_removal(groups: list[ChannelGroup], scores: Mapping[int, Tensor], fract
     plan: Plan = {}
     for frac, pool in pools.items():
         counts = _global_counts(pool, scores, frac, normalize, min_channels) if mode == "global" else {
-            g.index: min(int(frac * g.channels), _cap(g, min_channels)) for g in pool}
+            g.index: min(math.floor(frac * g.channels + 1e-9), _cap(g, min_channels)) for g in pool}
         for g in pool:
             k = _round(g, counts.get(g.index, 0), round_to)
             if k > 0:
