@@ -67,6 +67,27 @@ class TrainSection(_Strict):
         return self
 
 
+class PAGCPSection(_Strict):
+    """PAGCP settings (Ye et al. 2023; ``mtprune.pruning.pagcp.PAGCPSettings``), used with ``allocator: pagcp``."""
+
+    theta0: float | None = Field(None, gt=0)  # None: half the uniform per-layer allowance
+    budget: float = Field(1.1, gt=1)  # Π(1 + θ_i) per round: the factor each task's loss may grow by
+    probe_ratio: float = Field(0.3, gt=0, lt=1)
+    ratios: list[float] | None = None  # trial ratios; default 0.05 … 0.95 in 19 steps
+    top_p: float = Field(0.5, gt=0, le=1)
+    rounds: int = Field(5, ge=1)
+    held_out_batches: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PAGCPSection:
+        if self.theta0 is not None and self.theta0 >= self.budget - 1:
+            raise ValueError(f"theta0 must be below budget - 1 = {self.budget - 1:g}")
+        r = self.ratios
+        if r is not None and (not r or any(not 0 < x < 1 for x in r) or r != sorted(set(r))):
+            raise ValueError("ratios must be increasing values in (0, 1)")
+        return self
+
+
 class PruneSection(_Strict):
     """How to compress: criterion, exactly one target, allocation, schedule, fine-tuning."""
 
@@ -78,7 +99,8 @@ class PruneSection(_Strict):
     channel_ratio: float | None = Field(None, gt=0, lt=1)
     schedule: Literal["one_shot", "iterative", "interleaved"] = "iterative"
     steps: int = Field(3, ge=1)
-    allocator: Literal["global", "layer"] = "global"
+    allocator: Literal["global", "layer", "pagcp"] = "global"
+    pagcp: PAGCPSection = Field(default_factory=PAGCPSection)
     min_channels: int = Field(5, ge=1)
     round_to: int = Field(1, ge=1)
     part_ratios: dict[str, float] = Field(default_factory=dict)
@@ -98,6 +120,44 @@ class PruneSection(_Strict):
             raise ValueError(f"give exactly one of target_macs, target_params, channel_ratio (got {given or 'none'})")
         if self.schedule != "one_shot" and self.channel_ratio is not None:
             raise ValueError(f"schedule {self.schedule!r} needs target_macs or target_params")
+        if self.allocator == "pagcp" and (self.target_macs is None or self.schedule == "interleaved"):
+            raise ValueError("allocator 'pagcp' needs target_macs and runs its own rounds (not 'interleaved')")
+        return self
+
+
+# --------------------------------------------------------------------------- sparsify (mtprune.sparsity)
+SPARSIFY_METHODS = Literal["disparse_static", "disparse_pretrained", "disparse_dynamic", "snip", "random",
+                           "magnitude", "imp", "rigl"]
+
+
+class DynamicSection(_Strict):
+    """Dynamic sparse training (DiSparse dynamic, RigL): mask updates every ``delta_t`` iterations until ``t_end``."""
+
+    delta_t: int = Field(50, ge=1)
+    t_end: int | None = Field(None, ge=1)  # None: 75 % of the training iterations
+    alpha: float = Field(0.5, gt=0, le=1)  # drop fraction at the start, cosine-decayed to 0 at t_end
+
+
+class SparsifySection(_Strict):
+    """Unstructured sparsification (``mtprune sparsify``): method, overall target sparsity, scores, training."""
+
+    start: str | None = None  # a run directory (its best checkpoint) or a .mtp file: the dense model
+    method: SPARSIFY_METHODS = "disparse_static"
+    sparsity: float = Field(0.9, gt=0, lt=1)  # overall, over every conv/linear weight (heads included)
+    score: Literal["snip", "pretrained", "magnitude"] | None = None  # None: the method's own
+    batches: int = Field(50, ge=1)  # batches of statistics for the scores
+    batch_size: int = Field(8, ge=1)  # of the statistics batches
+    tolerance: float = Field(0.001, gt=0, lt=0.05)  # of the overall sparsity (DiSparse's keep-ratio search)
+    rounds: int = Field(3, ge=1)  # imp
+    round_steps: int = Field(200, ge=1)  # imp: training iterations per round
+    rewind: bool | int = False  # imp: True rewinds survivors to initialisation (LTH), an int to that iteration
+    dynamic: DynamicSection = Field(default_factory=DynamicSection)
+    train: TrainSection | None = None  # the sparse network's (re)training or fine-tuning; None: the run's train
+
+    @model_validator(mode="after")
+    def _rewind(self) -> SparsifySection:
+        if not isinstance(self.rewind, bool) and self.rewind < 0:
+            raise ValueError("rewind must be true/false or an iteration ≥ 0")
         return self
 
 
@@ -110,6 +170,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainSection = Field(default_factory=TrainSection)
     prune: PruneSection | None = None
+    sparsify: SparsifySection | None = None
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..measure import layer_macs
+from ..measure import eval_mode, layer_macs
 from ..utils.errors import MTPruneInputError
 from .allocate import Plan, plan_removal
 from .criteria import Criterion, get_criterion
@@ -52,11 +53,8 @@ class PruneReport:
 
 def count(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
     """(parameters, per-sample MACs)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         macs, _ = layer_macs(model, example_inputs[:1])
-    model.train(was)
     return sum(p.numel() for p in model.parameters()), sum(macs.values())
 
 
@@ -76,21 +74,24 @@ def as_losses(losses: Mapping) -> dict:
     return {k: getattr(v, "loss", v) for k, v in losses.items()}
 
 
+def gather_statistics(model: nn.Module, graph: PruningGraph, criterion: Criterion, data: Iterable | None,
+                      losses: Mapping | None, batches: int | None = None) -> StatisticsEngine:
+    """Run the statistics engine of ``criterion`` over (at most ``batches`` batches of) ``data``."""
+    if data is None or losses is None:
+        raise ValueError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
+    engine = StatisticsEngine(model, graph, as_losses(losses), [criterion])
+    with eval_mode(model):  # statistics with frozen BN statistics and no dropout noise
+        engine.run(data, batches)
+    return engine
+
+
 def criterion_scores(model: nn.Module, graph: PruningGraph, criterion: Criterion, *, data: Iterable | None = None,
                      losses: Mapping | None = None, batches: int | None = None,
                      engine: StatisticsEngine | None = None) -> dict[int, Tensor]:
     """Per-group scores of the candidate groups. Gradient criteria need ``data`` and ``losses``."""
     if criterion.needs_data:
         if engine is None:
-            if data is None or losses is None:
-                raise ValueError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
-            engine = StatisticsEngine(model, graph, as_losses(losses), [criterion])
-            was = model.training
-            model.eval()  # statistics with frozen BN statistics and no dropout noise
-            try:
-                engine.run(data, batches)
-            finally:
-                model.train(was)
+            engine = gather_statistics(model, graph, criterion, data, losses, batches)
         raw = engine.averaged(criterion)
         scores = criterion.finalize(raw)
     else:
@@ -142,23 +143,43 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
           batches: int | None = 8, allocator: str = "global", min_channels: int = 5, round_to: int = 1,
           part_ratios: Mapping[str, float] | None = None, protected: Iterable[str] = (),
           parts: Mapping[str, str] | None = None, seed: int = 0, tolerance: float = 0.005,
-          engine: StatisticsEngine | None = None, graph: PruningGraph | None = None) -> PruneReport:
+          engine: StatisticsEngine | None = None, graph: PruningGraph | None = None,
+          pagcp: Mapping[str, object] | None = None) -> PruneReport:
     """Prune ``model`` in place, physically. Returns a ``PruneReport``.
+
+    ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp.py``) needs ``target_macs``, ``data`` and ``losses``;
+    ``pagcp`` holds its settings (``PAGCPSettings`` fields) and its report lands in ``extra["pagcp"]``.
 
     Pruning replaces Parameter objects: rebuild optimizers (and EMA, DDP wrappers) afterwards.
     """
     start = time.perf_counter()
     name, value = _check_target(target_macs, target_params, channel_ratio)
-    if allocator not in ("global", "layer"):
-        raise MTPruneInputError(f"allocator must be 'global' or 'layer', got {allocator!r}")
+    if allocator not in ("global", "layer", "pagcp"):
+        raise MTPruneInputError(f"allocator must be 'global', 'layer' or 'pagcp', got {allocator!r}")
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     if crit.needs_data and (data is None or losses is None) and engine is None:
         raise ValueError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
     graph_kw = {"protected": tuple(protected), "parts": parts, "min_channels": 1}
     graph = graph or PruningGraph(model, example_inputs, **graph_kw)
+    ratios = dict(part_ratios or {})
+    unknown = sorted(set(ratios) - {g.part for g in graph.groups})
+    if unknown:
+        raise MTPruneInputError(f"part_ratios names parts without prunable groups: {unknown}; parts: "
+                                f"{sorted({g.part for g in graph.groups})}")
+    bad = {k: v for k, v in ratios.items() if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1}
+    if bad:
+        raise MTPruneInputError(f"part_ratios must be fractions in [0, 1), got {bad}")
+    if allocator == "pagcp":  # performance-aware allocation under per-task loss constraints (pruning/pagcp.py)
+        from .pagcp import prune_pagcp
+
+        return prune_pagcp(model, example_inputs, crit, target={name: value}, data=data, losses=losses,
+                           batches=batches, min_channels=min_channels, round_to=round_to, part_ratios=part_ratios,
+                           seed=seed, graph=graph, engine=engine, settings=pagcp)
     params0, macs0 = count(model, example_inputs)
     widths0 = graph.widths()
-    scores = criterion_scores(model, graph, crit, data=data, losses=losses, batches=batches, engine=engine)
+    if crit.needs_data and engine is None:
+        engine = gather_statistics(model, graph, crit, data, losses, batches)
+    scores = criterion_scores(model, graph, crit, engine=engine)
     if not scores:
         raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model")
     plan_kw = {"mode": allocator, "normalize": crit.normalize, "min_channels": min_channels, "round_to": round_to,
@@ -172,10 +193,16 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     graph = _apply(model, example_inputs, _plan_by_root(graph, plan), graph=graph)
     model.mtprune_input_shape = list(example_inputs.shape[1:])
     params1, macs1 = count(model, example_inputs)
+    if name != "channel_ratio":
+        got = macs1 / macs0 if name == "target_macs" else params1 / params0
+        if abs(got - value) > max(10 * tolerance, 0.05) * value:
+            warnings.warn(f"{name}={value} was not reached: the pruned model keeps {got:.4f} of the original "
+                          f"(min_channels={min_channels}, protected layers and part_ratios limit the removal)",
+                          stacklevel=2)
     return PruneReport(
         criterion=crit.name, target={name: value}, params_before=params0, params_after=params1,
         macs_before=macs0, macs_after=macs1, widths_before=widths0, widths_after=graph.widths(),
         removed=sum(len(v) for v in plan.values()), seconds=time.perf_counter() - start,
-        batches=engine.batches if engine is not None else (batches or 0) if crit.needs_data else 0,
+        batches=engine.batches if engine is not None else 0,
         extra={"fraction": fraction, "allocator": allocator},
     )

@@ -35,4 +35,8 @@ def write_run_report(run_dir: str | Path, summary: dict) -> Path:
         sections.append(("Metric against MACs along the schedule", "![metric vs MACs](plots/metric_vs_macs.png)"))
     plot_widths(summary["widths_before"], summary["widths_after"], plots / "widths.png")
     sections.append(("Per-layer widths", "![widths](plots/widths.png)"))
+    if summary.get("pagcp"):  # PAGCP (Ye et al. 2023): per-round layer ratios and per-task loss ratios
+        from ..pruning.pagcp import pagcp_markdown
+
+        sections.append(("PAGCP allocation", pagcp_markdown(summary["pagcp"])))
     return write_report(run_dir / "report.md", f"mtprune report: {summary['name']}", sections)
