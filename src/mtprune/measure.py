@@ -12,28 +12,16 @@ import inspect
 import itertools
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .models.validate import check_multitask_output
+from .utils.runtime import eval_mode
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside; afterwards every module gets its own ``training`` flag back (mixed modes survive)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 def _layer_macs(module: nn.Module, inp: Tensor, out: Tensor) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..tasks.base import Meter, Task
+from ..utils.runtime import eval_mode as restoring_modes
 from .batch import task_outputs, unpack_batch
 from .distributed import ShardSampler, all_reduce_sum, is_distributed, rank_device
 
@@ -20,15 +21,12 @@ Metrics = dict[str, dict[str, float]]
 @contextmanager
 def eval_mode(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode on ``device``; afterwards restore every submodule's mode and the device."""
-    modes = [m.training for m in model.modules()]
     first = next(model.parameters(), None)
     home = first.device if first is not None else device
-    model.to(device).eval()
     try:
-        yield model
+        with restoring_modes(model.to(device)):
+            yield model
     finally:
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode
         model.to(home)
 
 

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from ..engine.batch import unpack_batch
 from ..measure import layer_macs
 from ..utils.errors import MTPruneInputError
+from ..utils.runtime import eval_mode
 from .criteria import Criterion, get_criterion
 from .graph import ChannelGroup, PruningGraph
 
@@ -438,17 +439,6 @@ class UpstreamCache:
 
 
 # ---------------------------------------------------------------- losses on the held-out set
-@contextmanager
-def _eval_modes(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in modes.items():
-            m.training = was
-
-
 class LossProbe:
     """Each task's mean loss on fixed held-out batches under channel masks (eval mode, no_grad; every module's
     ``training`` flag is restored afterwards, so BatchNorm statistics never move).
@@ -494,7 +484,7 @@ class LossProbe:
         """Mean task losses with ``plan`` masked; ``stores`` (from :meth:`reference`) replays upstream calls."""
         sums = dict.fromkeys(self.losses, 0.0)
         count = 0
-        with torch.no_grad(), _eval_modes(self.model), masked(self.model, groups, plan):
+        with torch.no_grad(), eval_mode(self.model), masked(self.model, groups, plan):
             for b, (images, targets) in enumerate(self.batches):
                 if stores is not None and self.cache is not None and stores[b]:
                     with self.cache.replaying(stores[b]):
@@ -511,7 +501,7 @@ class LossProbe:
             return self.losses_under(groups, plan), None
         sums = dict.fromkeys(self.losses, 0.0)
         count, stores = 0, []
-        with torch.no_grad(), _eval_modes(self.model), masked(self.model, groups, plan):
+        with torch.no_grad(), eval_mode(self.model), masked(self.model, groups, plan):
             for images, targets in self.batches:
                 with self.cache.recording(stop_at) as store:
                     self._run(images, targets, sums)
@@ -791,7 +781,7 @@ def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, cr
     t0, forwards0 = time.perf_counter(), probe.forwards
     probe.refresh()
     params_before, macs_before = _count(model, example_inputs)
-    with _eval_modes(model):
+    with eval_mode(model):
         scores = _round_scores(model, graph, crit, data, losses, stats_batches, engine)
         macs = MacsModel(model, example_inputs)
         layers, start, lam = probe_round(graph, scores, probe, macs, cfg, min_channels)

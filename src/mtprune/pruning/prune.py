@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..measure import eval_mode, layer_macs
+from ..measure import layer_macs
 from ..utils.errors import MTPruneInputError
+from ..utils.runtime import eval_mode
 from .allocate import Plan, plan_removal
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
