@@ -1,0 +1,49 @@
+"""The ``mtprune merge CONFIG`` sub-command (method ``pam``, He et al., KDD 2021).
+
+Wiring (in ``cli.py``): ``command.register(sub)`` adds the parser; ``COMMANDS["merge"] = command.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``merge CONFIG [--set k=v] [--out DIR] [--overwrite]`` to the ``mtprune`` sub-commands."""
+    p = subparsers.add_parser("merge", help="merge single-task networks (PAM), prune, and compare the cost of "
+                                            "every task subset with naive merging and no merging")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a merge config; prints the cost table and writes everything into the run directory."""
+    from mtprune.recipe import prepare_run_dir
+
+    from .experiment import load_merge_config, run_merge
+
+    cfg = load_merge_config(args.config, args.overrides)
+    run_dir = prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite)
+    summary = run_merge(cfg, run_dir, quiet=getattr(args, "quiet", False))
+    _print_table(summary)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']}: MMACs per task subset at equal accuracy budget")
+    for col in ("subset", "no merging", "naive", "PAM", "no merging / PAM"):
+        table.add_column(col, justify="left" if col == "subset" else "right")
+    for row in summary["table"]:
+        table.add_row(row["subset"], *(f"{row[f'{a}_macs'] / 1e6:.3f}" for a in ("no_merge", "naive", "pam")),
+                      f"{row['no_merge_over_pam']:.2f}×")
+    Console().print(table)

@@ -1,0 +1,313 @@
+"""The ``mtprune merge`` pipeline (method ``pam``, He et al., KDD 2021), end to end in one run directory.
+
+1. Train T single-task networks (the zoo model of the config, one head each).
+2. Merge them with PAM, retrain the merged network jointly (its cross-network weights start at 0).
+3. Build the naive baseline (trunk shared up to ``merge.naive_split``), train it jointly.
+4. Prune every approach at the **same accuracy budget**: walk a ladder of MAC fractions (of each approach's own
+   unpruned size) with the structured pruner, fine-tuning after each step, and keep the smallest model whose
+   every task stays within ``prune.accuracy_drop`` points of its single-task network. Without merging, each
+   network is pruned alone on its own task.
+5. Measure MACs and latency of every task subset; write the cost table, the figure and a report.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtprune import data as data_mod
+from mtprune.config import DataConfig, ModelConfig, TrainSection, dump_config, load_config
+from mtprune.engine.evaluate import evaluate
+from mtprune.engine.logging import log
+from mtprune.engine.trainer import TrainConfig, train
+from mtprune.io import save
+from mtprune.measure import profile
+from mtprune.models import build_model
+from mtprune.pruning.prune import prune
+from mtprune.tasks import ClassificationTask, MultiLabelTask, Task
+from mtprune.utils.atomic import atomic_write_json, atomic_write_text
+from mtprune.utils.errors import MTPruneInputError
+from mtprune.utils.runtime import resolve_device, seed_everything
+
+from .cost import SubsetCost, cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs
+from .naive import naive_merge
+from .pam import pam
+
+__all__ = ["MergeConfig", "load_merge_config", "run_merge", "tasks_of"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class MergeSection(_Strict):
+    method: str = "pam"
+    alpha_conv: float = 0.01
+    alpha_linear: float = 0.05
+    noise_var: float = Field(0.1, gt=0)
+    batch: int = Field(128, ge=2)
+    naive_split: int = Field(2, ge=1)
+    retrain: TrainSection = Field(default_factory=lambda: TrainSection(epochs=3, lr=1e-3, weight_decay=0.0))
+
+    @model_validator(mode="after")
+    def _known_method(self) -> MergeSection:
+        if self.method != "pam":
+            raise ValueError(f"unknown merge method {self.method!r}; known: pam")
+        return self
+
+
+class BudgetPruneSection(_Strict):
+    criterion: str = "taylor"
+    allocator: Literal["global", "layer"] = "layer"  # "layer": the same fraction of every layer
+    ladder: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.35, 0.25, 0.18, 0.12])
+    accuracy_drop: float = Field(1.0, ge=0)
+    metric: str = "acc"
+    stats_batches: int = Field(8, ge=1)
+    stats_batch_size: int = Field(32, ge=1)
+    min_channels: int = Field(2, ge=1)
+    finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4, weight_decay=0.0))
+
+    @model_validator(mode="after")
+    def _ladder(self) -> BudgetPruneSection:
+        if any(not 0 < v < 1 for v in self.ladder) or self.ladder != sorted(self.ladder, reverse=True):
+            raise ValueError("ladder must be decreasing MAC fractions in (0, 1)")
+        return self
+
+
+class CostSection(_Strict):
+    latency: bool = True
+    batch_size: int = Field(16, ge=1)
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class MergeConfig(_Strict):
+    name: str = "merge"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)  # torch CPU threads for the whole run (cost.threads for timing)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(name="multidigits", augment=False))
+    tasks: list[str] = Field(default_factory=lambda: ["left", "right"], min_length=2)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="lenet5"))
+    train: TrainSection = Field(default_factory=lambda: TrainSection(epochs=8, batch_size=64, lr=2e-3))
+    merge: MergeSection = Field(default_factory=MergeSection)
+    prune: BudgetPruneSection = Field(default_factory=BudgetPruneSection)
+    cost: CostSection = Field(default_factory=CostSection)
+
+
+def tasks_of(dataset: Any, names: list[str]) -> dict[str, Task]:
+    """Tasks for the class / multi-label targets of a dataset (``kinds`` and ``num_classes``)."""
+    out: dict[str, Task] = {}
+    for t in names:
+        kind = dataset.kinds.get(t)
+        if kind == "class":
+            out[t] = ClassificationTask(t, dataset.num_classes[t])
+        elif kind == "multilabel":
+            out[t] = MultiLabelTask(t, dataset.num_classes[t])
+        else:
+            raise MTPruneInputError(f"PAM merges classification / attribute tasks; {t!r} is of kind {kind!r}")
+    return out
+
+
+def _train_config(section: TrainSection, cfg: MergeConfig, quiet: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=section.epochs, batch_size=section.batch_size, eval_batch_size=section.eval_batch_size,
+        lr=section.lr, weight_decay=section.weight_decay, optimizer=section.optimizer, momentum=section.momentum,
+        scheduler=section.scheduler, step_size=section.step_size, gamma=section.gamma, device=cfg.device,
+        amp=False, seed=cfg.seed, num_workers=section.num_workers, grad_clip=section.grad_clip, quiet=quiet,
+        tensorboard=False,
+    )
+
+
+class _Runner:
+    """Shared state of one merge run: data, tasks, the device and the run directory."""
+
+    def __init__(self, cfg: MergeConfig, run_dir: Path, quiet: bool) -> None:
+        self.cfg, self.run_dir, self.quiet = cfg, run_dir, quiet
+        d = cfg.data
+        self.train_set: Dataset = data_mod.load(d.name, root=d.root, split=d.train_split, tasks=cfg.tasks,
+                                                **d.kwargs)
+        self.val_set: Dataset = data_mod.load(d.name, root=d.root, split=d.val_split, tasks=cfg.tasks, **d.kwargs)
+        self.tasks = tasks_of(self.train_set, cfg.tasks)
+        self.device = resolve_device(cfg.device)
+        self.example = self.train_set[0][0][None]
+
+    def fit(self, model: nn.Module, tasks: Mapping[str, Task], section: TrainSection, where: str) -> None:
+        if section.epochs > 0:
+            train(model, dict(tasks), self.train_set, self.val_set, self.run_dir / where,
+                  _train_config(section, self.cfg, self.quiet))
+
+    def score(self, model: nn.Module, tasks: Mapping[str, Task]) -> dict[str, float]:
+        metrics = evaluate(model, self.val_set, dict(tasks), device=self.device,
+                           batch_size=self.cfg.train.eval_batch_size)
+        return {t: float(metrics[t][self.cfg.prune.metric]) for t in tasks}
+
+    def stats_loader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.cfg.prune.stats_batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def prune_to_budget(self, model: nn.Module, tasks: Mapping[str, Task], reference: Mapping[str, float],
+                        where: str) -> tuple[nn.Module, dict[str, Any]]:
+        """Walk the MAC ladder; keep the smallest model whose tasks all stay within the accuracy budget."""
+        p = self.cfg.prune
+        floor = {t: reference[t] - p.accuracy_drop for t in tasks}
+        macs0 = profile(model, self.example, latency=False).macs
+        acc = self.score(model, tasks)
+        ok = all(acc[t] >= floor[t] for t in tasks)
+        steps: list[dict[str, Any]] = [{"fraction": 1.0, "acc": acc, "ok": ok}]
+        best = (copy.deepcopy(model), acc, 1.0) if ok else None
+        if not ok:
+            log.info("%s: already below the accuracy budget before pruning (%s < %s)", where, acc, floor)
+        current = 1.0
+        for k, fraction in enumerate(p.ladder if ok else []):
+            model.to(self.device)
+            x = self.example.to(self.device)
+            prune(model, x, p.criterion, target_macs=fraction / current, data=self.stats_loader(),
+                  losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator, min_channels=p.min_channels,
+                  seed=self.cfg.seed)
+            current = profile(model, x, latency=False).macs / macs0
+            self.fit(model, tasks, p.finetune, f"{where}/step{k + 1}")
+            acc = self.score(model, tasks)
+            ok = all(acc[t] >= floor[t] for t in tasks)
+            steps.append({"fraction": current, "acc": acc, "ok": ok})
+            log.info("%s: %.3f of the MACs, accuracy %s (%s)", where, current, acc, "ok" if ok else "over budget")
+            if not ok:
+                break
+            best = (copy.deepcopy(model), acc, current)
+        if best is None:
+            return model.cpu(), {"steps": steps, "budget_met": False, "fraction": 1.0, "acc": steps[0]["acc"]}
+        kept, acc, fraction = best
+        return kept.cpu(), {"steps": steps, "budget_met": True, "fraction": fraction, "acc": acc}
+
+
+def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the whole comparison in ``run_dir``; returns the summary (also written to ``summary.json``)."""
+    seed_everything(cfg.seed)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, run_dir, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: MergeConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
+    r = _Runner(cfg, run_dir, quiet)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    names = list(r.tasks)
+
+    singles: dict[str, nn.Module] = {}
+    for i, t in enumerate(names):
+        seed_everything(cfg.seed + i)
+        singles[t] = build_model(cfg.model.name, {t: r.tasks[t].out_channels}, width=cfg.model.width,
+                                 head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None, **cfg.model.kwargs)
+        r.fit(singles[t], {t: r.tasks[t]}, cfg.train, f"singles/{t}")
+        singles[t].cpu()
+    reference = {t: r.score(singles[t], {t: r.tasks[t]})[t] for t in names}
+    log.info("single-task accuracy: %s", reference)
+
+    merged, report = pam(singles, r.train_set, alpha_conv=cfg.merge.alpha_conv, alpha_linear=cfg.merge.alpha_linear,
+                         noise_var=cfg.merge.noise_var, batch=cfg.merge.batch, seed=cfg.seed)
+    atomic_write_json(run_dir / "pam_partitions.json", report.to_dict(indices=True))
+    acc_merged = r.score(merged, r.tasks)
+    r.fit(merged, r.tasks, cfg.merge.retrain, "pam/retrain")
+    acc_retrained = r.score(merged, r.tasks)
+
+    seed_everything(cfg.seed)
+    naive = naive_merge(singles, r.example, cfg.merge.naive_split)
+    r.fit(naive, r.tasks, cfg.train, "naive/train")
+
+    def macs(m: nn.Module) -> int:
+        return profile(m, r.example, latency=False).macs
+
+    dense = {"no_merge": {t: macs(m) for t, m in singles.items()}, "naive": macs(naive), "pam": macs(merged)}
+    pruned_singles, budgets = {}, {"no_merge": {}}
+    for t in names:
+        pruned_singles[t], budgets["no_merge"][t] = r.prune_to_budget(copy.deepcopy(singles[t]), {t: r.tasks[t]},
+                                                                      reference, f"prune/no_merge/{t}")
+    naive_p, budgets["naive"] = r.prune_to_budget(copy.deepcopy(naive), r.tasks, reference, "prune/naive")
+    pam_p, budgets["pam"] = r.prune_to_budget(copy.deepcopy(merged), r.tasks, reference, "prune/pam")
+
+    x = r.example.expand(cfg.cost.batch_size, *r.example.shape[1:]).contiguous()
+    kw = {"latency": cfg.cost.latency, "warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats}
+    run_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cost.threads or run_threads)
+    try:
+        costs: dict[str, dict[str, SubsetCost]] = {
+            "no_merge": separate_costs(pruned_singles, x, **kw),
+            "naive": merged_costs(naive_p, x, **kw),
+            "pam": merged_costs(pam_p, x, **kw),
+        }
+        timing_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(run_threads)
+    table = cost_table(costs)
+    met = {"no_merge": all(v["budget_met"] for v in budgets["no_merge"].values()),
+           "naive": budgets["naive"]["budget_met"], "pam": budgets["pam"]["budget_met"]}
+    labels = {"no_merge": "no merging", "naive": f"naive (split {cfg.merge.naive_split})", "pam": "PAM"}
+    labels = {k: v + ("" if met[k] else ", over budget") for k, v in labels.items()}
+    plot_costs(costs, run_dir / "plots" / "cost_per_subset.png", labels=labels,
+               title=f"{cfg.name}: cost per task subset at ≤{cfg.prune.accuracy_drop:g} points accuracy drop")
+    for t, m in pruned_singles.items():
+        save(m, run_dir / f"single_{t}.mtp", example_inputs=r.example)
+    save(naive_p, run_dir / "naive.mtp", example_inputs=r.example)
+    save(pam_p, run_dir / "pam.mtp", example_inputs=r.example, extra={"pam": report.to_dict(indices=True)})
+    summary = {
+        "name": cfg.name, "tasks": names, "reference_acc": reference,
+        "pam": {"partitions": report.to_dict(), "acc_at_merge": acc_merged, "acc_after_retrain": acc_retrained},
+        "dense_macs": dense, "budgets": budgets, "costs": costs_to_dict(costs), "table": table,
+        "setting": {"latency_batch_size": cfg.cost.batch_size, "threads": timing_threads,
+                    "device": str(r.device)},
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_text(run_dir / "report.md", render_report(summary, report.table()))
+    return summary
+
+
+def _fmt_acc(acc: Mapping[str, float]) -> str:
+    return ", ".join(f"{t} {v:.1f}" for t, v in acc.items())
+
+
+def _cell(row: Mapping[str, Any], approach: str) -> str:
+    lat = row[f"{approach}_latency_ms"]
+    return f"{row[f'{approach}_macs'] / 1e6:.3f}" + (f" ({lat:.2f} ms)" if lat is not None else "")
+
+
+def render_report(summary: Mapping[str, Any], partition_table: str) -> str:
+    """Markdown: partitions, accuracy per approach, and the cost of every task subset."""
+    b = summary["budgets"]
+    lines = [f"# {summary['name']}: PAM vs naive merging vs no merging", "",
+             f"Single-task accuracy (the budget's reference): {_fmt_acc(summary['reference_acc'])}.", "",
+             "## PAM partitions (He et al., KDD 2021)", "", partition_table, "",
+             f"Accuracy right after merging: {_fmt_acc(summary['pam']['acc_at_merge'])}; after retraining: "
+             f"{_fmt_acc(summary['pam']['acc_after_retrain'])}.", "",
+             "## Pruned at equal accuracy budget", "",
+             "| approach | MAC fraction kept | accuracy | budget met |", "|---|---|---|---|"]
+    for t, v in b["no_merge"].items():
+        lines.append(f"| no merging: {t} | {v['fraction']:.3f} | {_fmt_acc(v['acc'])} | {v['budget_met']} |")
+    for name in ("naive", "pam"):
+        v = b[name]
+        lines.append(f"| {name} | {v['fraction']:.3f} | {_fmt_acc(v['acc'])} | {v['budget_met']} |")
+    lines += ["", "## Cost per task subset (MMACs per sample; latency ms)", "",
+              "| subset | no merging | naive | PAM | no merging / PAM | naive / PAM |", "|---|---|---|---|---|---|"]
+    for row in summary["table"]:
+        naive_over = row["naive_macs"] / max(row["pam_macs"], 1)
+        lines.append(f"| {row['subset']} | {_cell(row, 'no_merge')} | {_cell(row, 'naive')} | {_cell(row, 'pam')} | "
+                     f"{row['no_merge_over_pam']:.2f}× | {naive_over:.2f}× |")
+    lines += ["", "![cost per subset](plots/cost_per_subset.png)", ""]
+    return "\n".join(lines)
+
+
+
+def load_merge_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
+    """Read, override (``--set key=value``) and validate a merge config."""
+    return load_config(path, overrides, schema=MergeConfig)
