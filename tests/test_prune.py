@@ -294,3 +294,22 @@ def test_prune_leaves_modes_and_frozen_flags(model: nn.Module) -> None:
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert not model.backbone.conv1.weight.requires_grad
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.conv1."))
+
+
+def test_normalize_override_changes_global_ranking_and_is_validated():
+    """Mean-normalised global ranking spreads removal differently from raw scores, and bad values are refused."""
+
+    def fresh():
+        torch.manual_seed(0)
+        m = mtprune.build_model("deeplab_resnet18", {"seg": 4, "depth": 1}, width=0.125, head="conv")
+        with torch.no_grad():  # one layer's weights 100x larger: raw L2 ranking spares it entirely
+            m.backbone.layer4[0].conv1.weight.mul_(100)
+        return m
+
+    x = torch.zeros(1, 3, 32, 40)
+    raw, normed = fresh(), fresh()
+    mtprune.prune(raw, x, "l2", channel_ratio=0.3, normalize="none")
+    mtprune.prune(normed, x, "l2", channel_ratio=0.3, normalize="mean")
+    assert PruningGraph(raw, x).widths() != PruningGraph(normed, x).widths()
+    with pytest.raises(MTPruneInputError, match="normalize"):
+        mtprune.prune(fresh(), x, "l2", channel_ratio=0.3, normalize="max")

@@ -145,8 +145,12 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
           part_ratios: Mapping[str, float] | None = None, protected: Iterable[str] = (),
           parts: Mapping[str, str] | None = None, seed: int = 0, tolerance: float = 0.005,
           engine: StatisticsEngine | None = None, graph: PruningGraph | None = None,
-          pagcp: Mapping[str, object] | None = None) -> PruneReport:
+          pagcp: Mapping[str, object] | None = None, normalize: str | None = None) -> PruneReport:
     """Prune ``model`` in place, physically. Returns a ``PruneReport``.
+
+    ``normalize`` ("none" or "mean") overrides how global ranking compares groups: raw scores (Molchanov et
+    al. 2019; Garg et al. 2023) let layers with large score scales keep their filters, "mean" divides each
+    group's scores by their mean first.
 
     ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp.py``) needs ``target_macs``, ``data`` and ``losses``;
     ``pagcp`` holds its settings (``PAGCPSettings`` fields) and its report lands in ``extra["pagcp"]``.
@@ -183,8 +187,10 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     scores = criterion_scores(model, graph, crit, engine=engine)
     if not scores:
         raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model")
-    plan_kw = {"mode": allocator, "normalize": crit.normalize, "min_channels": min_channels, "round_to": round_to,
-               "part_ratios": part_ratios}
+    if normalize not in (None, "none", "mean"):
+        raise MTPruneInputError(f"normalize must be 'none' or 'mean', got {normalize!r}")
+    plan_kw = {"mode": allocator, "normalize": normalize or crit.normalize, "min_channels": min_channels,
+               "round_to": round_to, "part_ratios": part_ratios}
     if name == "channel_ratio":
         plan, fraction = plan_removal(graph.groups, scores, value, **plan_kw), value
     else:
