@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true")
     pr.add_argument("--overwrite", action="store_true")
 
+    sp = sub.add_parser("sparsify", help="unstructured sparsification (DiSparse and baselines), train, report")
+    sp.add_argument("config")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    sp.add_argument("--overwrite", action="store_true")
+
+    from .merging import command as merge_command
+
+    merge_command.register(sub)
+
     prof = sub.add_parser("profile", help="parameters, MACs per task subset and latency of a .mtp model")
     prof.add_argument("model")
     prof.add_argument("--input-shape", default=None, help="C,H,W (default: the shape stored in the file)")

@@ -171,6 +171,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("sparsify")
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    """Unstructured sparsification (mtprune.sparsity): DiSparse and its baselines, one method per run."""
+    from .sparsity.run import run_sparsify
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.sparsify is None:
+        raise MTPruneInputError(f"{args.config}: no 'sparsify' section")
+    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite)
+    summary = run_sparsify(cfg, run_dir, quiet=args.quiet)
+    sp = summary["sparsity"]
+    print_metrics(f"{sp['method']}: sparsity {sp['sparsity']:.2%} (target {sp['target']:.2%})",
+                  summary["models"][-1]["metrics"])
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+@command("merge")
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge single-task networks: PAM (He et al. 2021) or MFIS (Cheng et al. 2021, reconstructed)."""
+    from .merging.command import run
+
+    return run(args)
+
+
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)

@@ -10,14 +10,16 @@ from .chain import Chain, Stage, read_chain
 from .cost import SubsetCost, cost_table, merged_costs, plot_costs, separate_costs, subset_keys
 from .grouping import Partition, irrelevant_set, partition
 from .merged_net import MergedNet, MergedStage, TaskBranch, build_merged, settle
+from .mfis import MFISNet, MFISReport, mfis
 from .mutual_info import label_masks, mi_from_distances, mutual_information
 from .naive import naive_merge, naive_partitions
 from .pam import LayerReport, PAMReport, collect_batch, layer_activations, merge_with_partitions, pam
 
 __all__ = [
-    "Chain", "LayerReport", "MergedNet", "MergedStage", "PAMReport", "Partition", "Stage", "SubsetCost",
+    "Chain", "LayerReport", "MFISNet", "MFISReport", "MergedNet", "MergedStage", "PAMReport", "Partition", "Stage",
+    "SubsetCost",
     "TaskBranch", "build_merged", "collect_batch", "cost_table", "irrelevant_set", "label_masks",
-    "layer_activations", "merge_with_partitions", "merged_costs", "mi_from_distances", "mutual_information",
+    "layer_activations", "merge_with_partitions", "merged_costs", "mfis", "mi_from_distances", "mutual_information",
     "naive_merge", "naive_partitions", "pam", "partition", "plot_costs", "read_chain", "separate_costs", "settle",
     "subset_keys",
 ]

@@ -1,4 +1,4 @@
-"""The ``mtprune merge CONFIG`` sub-command (method ``pam``, He et al., KDD 2021).
+"""The ``mtprune merge CONFIG`` sub-command: method ``pam`` (He et al., KDD 2021) or ``mfis`` (Cheng et al. 2021).
 
 Wiring (in ``cli.py``): ``command.register(sub)`` adds the parser; ``COMMANDS["merge"] = command.run``.
 """
@@ -27,6 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from mtprune.recipe import prepare_run_dir
 
     from .experiment import load_merge_config, run_merge
+    from .mfis.run import load_mfis_config, merge_method, print_summary, run_from_config
+
+    if merge_method(args.config, args.overrides) == "mfis":
+        mcfg = load_mfis_config(args.config, args.overrides)
+        run_dir = prepare_run_dir(args.out or Path("runs") / mcfg.name, overwrite=args.overwrite)
+        print_summary(run_from_config(mcfg, run_dir, quiet=getattr(args, "quiet", False)))
+        print(f"report: {run_dir / 'report.md'}")
+        return 0
 
     cfg = load_merge_config(args.config, args.overrides)
     run_dir = prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite)
