@@ -1,6 +1,6 @@
 """mtprune: compress multi-task neural networks and measure what it cost, task by task.
 
-Public API (stable): ``build_model``, ``prune``, ``save``, ``load``, ``profile``, ``evaluate``,
+Public API (stable): ``build_model``, ``prune``, ``sparsify``, ``save``, ``load``, ``profile``, ``evaluate``,
 ``tasks.preset``, ``data.load``.
 """
 
@@ -12,7 +12,8 @@ from .io import load, save
 from .measure import profile
 from .models import build_model
 from .pruning.prune import prune
+from .sparsity import sparsify
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "data", "evaluate", "load", "profile", "prune", "save", "tasks"]
+__all__ = ["build_model", "data", "evaluate", "load", "profile", "prune", "save", "sparsify", "tasks"]

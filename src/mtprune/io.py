@@ -3,6 +3,9 @@
 Metadata (a JSON string under the key ``mtprune``): format version, the zoo builder and its arguments,
 the task names, the example input shape used for tracing, and every conv/linear layer's width. A pruned
 architecture is rebuilt by shrinking a fresh model to the stored tensor shapes, then the weights are loaded.
+Sparse (masked) models store each masked layer's effective ``weight`` plus its mask bit-packed as a uint8 tensor
+``__mask__.<layer>.weight``; the metadata key ``masks`` names the format and the shapes, and ``load`` re-applies
+them (``mtprune.sparsity.masks``). Dense models have no ``masks`` key.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def save(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor | N
     """Write weights and buffers plus metadata atomically. Tensors that share memory are stored once each."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from .sparsity.masks import masks_to_file  # masked layers: effective weight + bit-packed mask
+
+    state, masks = masks_to_file(model, state)
     shape = list(example_inputs.shape[1:]) if example_inputs is not None else getattr(
         model, "mtprune_input_shape", None)
     meta = {
@@ -47,6 +53,8 @@ def save(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor | N
         "widths": _layer_widths(state, model),
         "extra": extra or {},
     }
+    if masks:  # sparse models only: the masks' format and shapes
+        meta["masks"] = masks
     atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata={"mtprune": json.dumps(meta)}))
     return path
 
@@ -82,8 +90,10 @@ def load(path: str | Path, base: nn.Module | None = None, *, strict: bool = True
     (a fresh instance of the unpruned class), shrunk to the stored widths, then loaded with the weights."""
     from .models import build_model
     from .pruning.graph import PruningGraph, apply_widths
+    from .sparsity.masks import apply_masks, masks_from_file, remove_masks
 
     tensors, meta = read(path)
+    tensors, masks = masks_from_file(tensors, meta.get("masks"), str(path))
     if base is not None:
         model = base
     elif meta.get("spec"):
@@ -94,6 +104,7 @@ def load(path: str | Path, base: nn.Module | None = None, *, strict: bool = True
             raise MTPruneInputError(f"{path}: cannot rebuild the model from its metadata ({err!r})") from None
     else:
         raise MTPruneInputError(f"{path}: not a zoo model; pass base=<a fresh instance of the model class>")
+    remove_masks(model)  # a masked base takes the file's weights and masks (none for a dense file)
     current = model.state_dict()
     if any(k in current and tuple(current[k].shape) != tuple(v.shape) for k, v in tensors.items()):
         if not meta.get("input_shape"):
@@ -112,4 +123,6 @@ def load(path: str | Path, base: nn.Module | None = None, *, strict: bool = True
         model.load_state_dict(tensors, strict=strict)
     except RuntimeError as err:
         raise MTPruneInputError(f"{path}: weights do not fit the model: {str(err).splitlines()[0]}") from None
+    if masks:
+        apply_masks(model, masks)
     return model

@@ -18,6 +18,7 @@ import torch
 
 from ..measure import measure_latency
 from ..models import build_model
+from ..pruning.criteria import Criterion
 from ..pruning.graph import PruningGraph
 from ..pruning.prune import as_losses, count, prune
 from ..pruning.stats import TASK_WEIGHT_GRADS, StatisticsEngine
@@ -101,7 +102,7 @@ def run(scale: str = "cpu", out: str | Path | None = None, targets=(0.5, 0.25, 0
     model = copy.deepcopy(dense).to(device).train()
     graph = PruningGraph(model, x1.to(device))
 
-    class _Needs:
+    class _Needs(Criterion):  # asks the engine for per-task weight gradients and keeps nothing
         name, needs = "grads", frozenset({TASK_WEIGHT_GRADS})
 
         def batch_score(self, stats):

@@ -6,19 +6,22 @@ Per batch it runs **one forward** and then **T backward passes** (``torch.autogr
 - ``task_weight_grads``: ∂L_t/∂W for each group's producer weights, as ``[C, D]`` rows;
 - ``task_gate_taylor``: Σ_{n,h,w} a · ∂L_t/∂a at each group's gates (Molchanov et al., CVPR 2019).
 
-Summed-loss statistics follow by linearity (∂ΣL_t = Σ ∂L_t), so they cost nothing extra. Each criterion turns
-the batch statistics of a group into per-channel scores; the engine averages them over the batches of an
-interval and, under ``torch.distributed``, all-reduces the sums across ranks before any decision.
+The core, :func:`per_task_gradients`, gives per-task gradients of any tensors (``mtprune.sparsity`` uses it
+for every conv/linear weight). Summed-loss statistics follow by linearity (∂ΣL_t = Σ ∂L_t), so they cost nothing
+extra. Each criterion turns the batch statistics of a group into per-channel scores; the engine averages them
+over the batches of an interval and, under ``torch.distributed``, all-reduces the sums across ranks before any
+decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..models.validate import check_multitask_output
 from ..utils.errors import MTPruneInputError
@@ -94,6 +97,50 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
     return out
 
 
+TaskGrads = Callable[[str, list[Tensor]], None]
+
+
+def per_task_gradients(model: nn.Module, images: Tensor, targets: Mapping[str, Tensor], losses: Mapping[str, Loss],
+                       inputs: Sequence[Tensor] | Callable[[], Sequence[Tensor]], *, checked: Sequence[str] = (),
+                       on_task: TaskGrads | None = None) -> tuple[dict[str, float], dict[str, list[Tensor]]]:
+    """The engine's core: **one forward**, then **T backward passes** (``autograd.grad`` with ``retain_graph``).
+
+    Returns the task losses and ``{task: [∂L_t/∂x for x in inputs]}`` (zeros where x does not reach L_t).
+    ``inputs`` may be a callable, called after the forward, for tensors that exist only then (activations
+    captured by hooks; a masked layer's ``module.weight``, recomputed each forward, whose gradient is the dense
+    gradient of the effective weight). Frozen parameters take part (``requires_grad`` is switched on for the
+    pass, then restored); parametrized weights are computed once (``parametrize.cached``). The gradients of the
+    first ``len(checked)`` inputs must be finite, else the error names the task and ``checked[i]``. With
+    ``on_task(task, grads)``, each task's gradients are handed over as soon as computed and not kept (one
+    task's gradients in memory at a time); the returned dict is then empty.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    kept: dict[str, list[Tensor]] = {}
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad(), parametrize.cached():
+            values = task_losses(check_multitask_output(model(images)), targets, losses)
+            xs = list(inputs() if callable(inputs) else inputs)
+            names = list(values)
+            for i, task in enumerate(names):
+                grads = torch.autograd.grad(values[task], xs, retain_graph=i < len(names) - 1, allow_unused=True)
+                grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True)]
+                looked = grads[:len(checked)]
+                if looked and not bool(torch.stack([torch.isfinite(g).all() for g in looked]).all()):
+                    bad = [n for n, g in zip(checked, looked, strict=False) if not torch.isfinite(g).all()]
+                    raise MTPruneInputError(f"the gradients of task {task!r} contain NaN/Inf (at {bad[:3]}): "
+                                            "refusing to prune on them")
+                if on_task is None:
+                    kept[task] = grads
+                else:
+                    on_task(task, grads)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return {t: float(v.detach()) for t, v in values.items()}, kept
+
+
 class StatisticsEngine:
     """Gathers per-batch statistics for a set of criteria and accumulates their per-channel scores."""
 
@@ -111,54 +158,27 @@ class StatisticsEngine:
         self.batches = 0
 
     def _gather(self, images: Tensor, targets: Mapping[str, Tensor], params: list[Tensor]):
+        """One forward and T backward passes (``per_task_gradients``); the criteria's statistics per group."""
         modules = dict(self.model.named_modules())
         groups = self.graph.groups
         captured: dict[str, Tensor] = {}
-        hooks = []
-        if TASK_GATE_TAYLOR in self.needs:
-            for name in {n for g in groups for n in g.gates}:
-                hooks.append(modules[name].register_forward_hook(
-                    lambda m, a, out, name=name: captured.__setitem__(name, out)))
-        # frozen layers are candidates too (the graph traces them): they must show up in autograd here
-        frozen = [p for p in self.model.parameters() if not p.requires_grad]
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                try:
-                    outputs = check_multitask_output(self.model(images))
-                finally:
-                    for h in hooks:
-                        h.remove()
-                losses = task_losses(outputs, targets, self.losses)
-                return self._backward(losses, captured, modules, params)
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
-
-    def _backward(self, losses: dict[str, Tensor], captured: dict[str, Tensor], modules: dict[str, nn.Module],
-                  params: list[Tensor]):
-        """T backward passes on one forward's graph; non-finite statistics are refused with the task's name."""
-        groups = self.graph.groups
+        gates = sorted({n for g in groups for n in g.gates}) if TASK_GATE_TAYLOR in self.needs else []
+        hooks = [modules[name].register_forward_hook(lambda m, a, out, name=name: captured.__setitem__(name, out))
+                 for name in gates]
         producers = sorted({n for g in groups for n in g.producers}) if TASK_WEIGHT_GRADS in self.needs else []
-        gates = sorted(captured)
-        weights = [modules[n].weight for n in producers]
-        inputs = weights + [captured[n] for n in gates]
-        known = {id(w): i for i, w in enumerate(weights)}
-        extra = [p for p in params if id(p) not in known]
-        inputs += extra
-        slot = {id(p): i for i, p in enumerate(inputs) if i < len(weights) or i >= len(weights) + len(gates)}
+        slot: dict[int, int] = {}
+
+        def inputs() -> list[Tensor]:  # after the forward: the gates' activations exist, weights are current
+            weights = [modules[n].weight for n in producers]
+            known = {id(w) for w in weights}
+            xs = weights + [captured[n] for n in gates] + [p for p in params if id(p) not in known]
+            slot.update({id(p): i for i, p in enumerate(xs) if i < len(weights) or i >= len(weights) + len(gates)})
+            return xs
+
         per_task: dict[str, dict[str, Tensor]] = {}
         summed: list[Tensor | None] = [None] * len(params)
-        names = list(losses)
-        for i, task in enumerate(names):
-            grads = torch.autograd.grad(losses[task], inputs, retain_graph=i < len(names) - 1, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
-            looked = grads[:len(producers) + len(gates)]
-            if looked and not bool(torch.stack([torch.isfinite(g).all() for g in looked]).all()):
-                bad = [n for n, g in zip(producers + gates, looked, strict=True) if not torch.isfinite(g).all()]
-                raise MTPruneInputError(f"the gradients of task {task!r} contain NaN/Inf (at {bad[:3]}): "
-                                        "refusing to prune on them")
+
+        def on_task(task: str, grads: list[Tensor]) -> None:
             per_task[task] = {"w:" + n: g.reshape(g.shape[0], -1) for n, g in zip(producers, grads, strict=False)}
             for n, g in zip(gates, grads[len(producers):], strict=False):
                 act = captured[n].detach()
@@ -166,10 +186,17 @@ class StatisticsEngine:
             for j, p in enumerate(params):
                 g = grads[slot[id(p)]]
                 summed[j] = g if summed[j] is None else summed[j] + g
+
+        try:
+            losses, _ = per_task_gradients(self.model, images, targets, self.losses, inputs,
+                                           checked=producers + gates, on_task=on_task)
+        finally:
+            for h in hooks:
+                h.remove()
         stats = []
         for g in groups:
             s = GroupStats(g, *group_weights(self.model, g))
-            for task in names:
+            for task in losses:
                 if TASK_WEIGHT_GRADS in self.needs:
                     s.task_weight_grads[task] = torch.cat(
                         [to_group(g, n, per_task[task]["w:" + n]) for n in g.producers], dim=1)
@@ -177,7 +204,7 @@ class StatisticsEngine:
                     s.task_gate_taylor[task] = torch.stack(
                         [to_group(g, n, per_task[task]["gate:" + n]) for n in g.gates]).sum(0)
             stats.append(s)
-        return stats, {t: float(v.detach()) for t, v in losses.items()}, summed
+        return stats, losses, summed
 
     def step(self, images: Tensor, targets: Mapping[str, Tensor],
              params: list[Tensor] | None = None) -> dict[str, float]:
