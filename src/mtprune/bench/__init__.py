@@ -14,7 +14,18 @@ def _speed(**kw):
     return run(**kw)
 
 
-SUITES: dict[str, Callable[..., dict]] = {"speed": _speed}
+def _disparse(scale: str = "cpu", out=None, threads: int | None = 1, **_):
+    """DiSparse and its baselines at 50/70/90 % sparsity, 3 seeds (``mtprune.sparsity.benchmark``)."""
+    from ..sparsity.benchmark import main
+
+    argv = ["--threads", str(threads or 1)] + (["--out", str(out)] if out else [])
+    if scale == "small":
+        argv += ["--seeds", "0", "--sparsities", "0.9"]
+    main(argv)
+    return {"suite": "disparse2022", "scale": scale}
+
+
+SUITES: dict[str, Callable[..., dict]] = {"speed": _speed, "disparse2022": _disparse}
 
 
 def run_suite(name: str, **kw) -> dict:
