@@ -16,7 +16,8 @@ from .utils.errors import MTPruneInputError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # unknown keys are errors; so are NaN and infinite numbers (an ``lr: .inf`` would only fail hours later)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -163,7 +164,7 @@ class SparsifySection(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
@@ -173,18 +174,25 @@ class RunConfig(_Strict):
     sparsify: SparsifySection | None = None
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so that an error stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = _printable(".".join(str(p) if str(p) else '""' for p in first["loc"])) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
-    return f"{source}: config key '{key}': {msg}{more}"
+    return f"{source}: config key '{key}': {_printable(msg)}{more}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings; values are parsed as YAML (``lr=1e-3``, ``names=[seg,depth]``)."""
+    if not isinstance(raw, dict):
+        raise MTPruneInputError(f"the config's top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
         if "=" not in item:
             raise MTPruneInputError(f"--set {item!r}: expected key=value")
@@ -195,7 +203,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise MTPruneInputError(f"--set {item!r}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = _printable(str(getattr(err, "problem", None) or type(err).__name__))
+            raise MTPruneInputError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
     return raw
 
 
@@ -216,10 +228,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema: ty
     if not path.is_file():
         raise MTPruneInputError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MTPruneInputError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise MTPruneInputError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise MTPruneInputError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})") from None
-    raw = apply_overrides(raw or {}, overrides or [])
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = _printable(str(getattr(err, "problem", None) or err))
+        raise MTPruneInputError(f"{path}: not valid YAML{at} ({err.__class__.__name__}: {problem})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MTPruneInputError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
     return parse_config(raw, str(path), schema)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import recipe
 from .config import RunConfig, TrainSection, dump_config
+from .engine.checkpoint import load_model_state
 from .engine.evaluate import evaluate
 from .engine.trainer import Trainer
 from .io import load as load_model
@@ -38,7 +39,7 @@ def _load_best(model: nn.Module, run_dir: Path) -> None:
     path = run_dir / "checkpoints" / "best.pt"
     if not path.is_file():
         raise MTPruneInputError(f"{run_dir}: no checkpoints/best.pt")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    load_model_state(model, path)  # weights_only; a damaged or foreign file is an input error naming it
 
 
 def _dense_model(cfg: RunConfig, tasks, train_set, val_set, run_dir: Path, quiet: bool, resume: bool):
@@ -160,8 +161,10 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
 def _stats_data(train_set, p, seed: int):
     from torch.utils.data import DataLoader
 
+    from .engine.batch import collate
+
     return DataLoader(train_set, batch_size=p.stats_batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), collate_fn=collate)
 
 
 def read_summary(run_dir: Path) -> dict:

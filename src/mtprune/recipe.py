@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import data as data_mod
@@ -12,6 +13,7 @@ from .config import RunConfig
 from .engine.trainer import TrainConfig
 from .models import build_model
 from .tasks import Task, preset
+from .utils.atomic import remove_stale_temporaries
 from .utils.errors import MTPruneInputError
 from .utils.runtime import resolve_device
 
@@ -45,8 +47,13 @@ def build_datasets(cfg: RunConfig, tasks: dict[str, Task]):
 
 
 def build_configured_model(cfg: RunConfig, tasks: dict[str, Task]) -> nn.Module:
-    return build_model(cfg.model.name, {n: t.out_channels for n, t in tasks.items()}, width=cfg.model.width,
-                       head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None, **cfg.model.kwargs)
+    """The configured model, initialised from ``cfg.seed``: the same config gives the same initial weights in
+    every process (a run, and its resumption, are reproducible). The global RNG state is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model.name, {n: t.out_channels for n, t in tasks.items()},
+                           width=cfg.model.width, head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None,
+                           **cfg.model.kwargs)
 
 
 def train_options(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> TrainConfig:
@@ -64,7 +71,10 @@ def train_options(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) 
 
 
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """A fresh run directory. An existing, non-empty one is refused unless resuming or ``overwrite``."""
+    """A fresh run directory. An existing, non-empty one is refused unless resuming or ``overwrite``.
+
+    Resuming removes the temporary files that writes killed mid-way left behind.
+    """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
@@ -72,4 +82,6 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
                                     "or --overwrite to replace it")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        remove_stale_temporaries(path)
     return path

@@ -41,6 +41,8 @@ def image_to_tensor(arr: np.ndarray, path: str | Path) -> Tensor:
         out = arr.astype(np.float32, copy=False)
     else:
         raise MTPruneInputError(f"{path}: image has non-numeric dtype {arr.dtype}")
+    if not np.isfinite(out).all():
+        raise MTPruneInputError(f"{path}: the image contains NaN or Inf values")
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
@@ -50,7 +52,7 @@ def dense_to_tensor(arr: np.ndarray, kind: str, path: str | Path) -> Tensor:
     """A dense target array in HW or HWC layout → the contract tensor of ``kind``.
 
     seg: int64 ``[H, W]`` (−1 kept); depth/edge: float32 ``[1, H, W]``; normal: float32 ``[3, H, W]``.
-    Non-finite depth or normal values become the invalid value 0.
+    Non-finite depth or normal values become the invalid value 0; in edges and label maps they are refused.
     """
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
         raise MTPruneInputError(f"{path}: {kind} target has non-numeric dtype {arr.dtype}")
@@ -59,6 +61,9 @@ def dense_to_tensor(arr: np.ndarray, kind: str, path: str | Path) -> Tensor:
             arr = arr[:, :, 0]
         if arr.ndim != 2:
             raise MTPruneInputError(f"{path}: expected a label map of shape (H, W), got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+            raise MTPruneInputError(f"{path}: a label map must hold integer class indices (-1: ignore), "
+                                    "found NaN, Inf or fractional values")
         return torch.from_numpy(arr.astype(np.int64))
     channels = _CHANNELS[kind]
     if arr.ndim == 2 and channels == 1:
@@ -68,6 +73,8 @@ def dense_to_tensor(arr: np.ndarray, kind: str, path: str | Path) -> Tensor:
     out = arr.astype(np.float32)
     if kind in ("depth", "normal"):
         out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    elif not np.isfinite(out).all():
+        raise MTPruneInputError(f"{path}: the {kind} target contains NaN or Inf values (-1 marks invalid pixels)")
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 

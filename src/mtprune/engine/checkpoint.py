@@ -6,7 +6,9 @@ A checkpoint is a dict of tensors and plain containers (its keys are listed in `
 
 from __future__ import annotations
 
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,52 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; a file of another kind is refused."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # any failure to read means a bad or missing file
-        raise MTPruneInputError(f"cannot read checkpoint {path}: {err}") from err
+        with warnings.catch_warnings():  # e.g. "unsupported pickle protocol": the error below says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # any failure to read means a bad or missing file; nothing was unpickled
+        raise MTPruneInputError(f"cannot read checkpoint {path}: {_describe_load_error(err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MTPruneInputError(f"{path} is not an mtprune training checkpoint")
     if payload.get("version") != VERSION:
         raise MTPruneInputError(f"{path}: checkpoint version {payload.get('version')} is not {VERSION}")
     return payload
+
+
+def load_model_state(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the ``model`` weights of the checkpoint at ``path`` into ``model``; returns the checkpoint.
+
+    A file that is not a checkpoint, or whose weights do not fit ``model``, is an input error naming the file.
+    """
+    payload = load_checkpoint(path)
+    try:
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise MTPruneInputError(f"{path}: the checkpoint's model weights do not fit the model "
+                                f"({type(err).__name__}: {one_line(err)})") from err
+    return payload
+
+
+def _describe_load_error(err: BaseException) -> str:
+    """One line on why ``torch.load(..., weights_only=True)`` failed."""
+    if isinstance(err, pickle.UnpicklingError):
+        _, _, detail = str(err).partition("WeightsUnpickler error:")
+        detail = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "").split(". ")[0].rstrip(".")
+        if detail.startswith("Unsupported global"):
+            return (f"refused: it holds objects other than tensors and plain containers ({detail}); "
+                    "nothing in it was run")
+        return f"not a weights-only PyTorch checkpoint, or corrupted ({detail or 'unreadable pickle'})"
+    if isinstance(err, OSError):
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return f"truncated or corrupted ({one_line(err, 1).split('. ')[0].rstrip('.')})"
+
+
+def one_line(err: BaseException, lines: int = 2, limit: int = 300) -> str:
+    """The first ``lines`` non-empty lines of an error message on one line (torch's errors span many lines:
+    ``load_state_dict`` puts the mismatching key on the second)."""
+    parts = [ln.strip() for ln in str(err).splitlines() if ln.strip()][:lines]
+    text = " ".join(parts) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..tasks.base import Meter, Task
+from ..utils.errors import MTPruneInputError
 from ..utils.runtime import eval_mode as restoring_modes
-from .batch import task_outputs, unpack_batch
+from .batch import check_targets, collate, task_outputs, unpack_batch
 from .distributed import ShardSampler, all_reduce_sum, is_distributed, rank_device
 
 Metrics = dict[str, dict[str, float]]
@@ -42,6 +43,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shard: 
         shuffle=False,
         num_workers=num_workers,
         generator=torch.Generator(),
+        collate_fn=collate,
     )
 
 
@@ -66,11 +68,14 @@ def evaluate(
     - ``with_loss``: adds ``"loss"`` to each task, the mean task loss over the split (per-batch losses
       weighted by batch size).
     - ``amp``: autocast on CUDA only. Runs under ``no_grad``; the model's train/eval modes and device are
-      restored afterwards. A model output lacking a task raises ``MTPruneInputError`` naming it.
+      restored afterwards. A model output lacking a task raises ``MTPruneInputError`` naming it, and so do
+      empty data, non-finite or non-float images, and targets that do not fit the predictions.
     """
     names = list(tasks)
     dev = rank_device(device)
     reduce = is_distributed() if distributed is None else distributed and is_distributed()
+    if not isinstance(data, DataLoader) and hasattr(data, "__len__") and len(data) == 0:
+        raise MTPruneInputError("evaluate: the data is empty")
     loader = data if isinstance(data, DataLoader) else eval_loader(data, batch_size, num_workers, shard=reduce)
     meters = {t: tasks[t].new_meter() for t in names}
     losses = torch.zeros(len(names) + 1, dtype=torch.float64)  # per-task loss·n, then n
@@ -79,6 +84,7 @@ def evaluate(
             images, targets = unpack_batch(batch, names, dev)
             with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
                 outputs = task_outputs(model(images), names)
+            check_targets(tasks, outputs, targets)
             n = images.shape[0]
             for i, t in enumerate(names):
                 pred = outputs[t].float()
@@ -88,6 +94,8 @@ def evaluate(
             losses[-1] += n
     if reduce:
         _reduce_meters(meters, losses)
+    elif losses[-1] == 0:
+        raise MTPruneInputError("evaluate: the data yielded no samples")
     results: Metrics = {t: dict(meters[t].compute()) for t in names}
     if with_loss:
         count = max(float(losses[-1]), 1.0)

@@ -67,7 +67,13 @@ class RunLogger:
             self.writer.flush()
 
     def drop_after(self, epoch: int) -> None:
-        """Keep only the records of epochs ``<= epoch`` (used on resume)."""
+        """Keep only the records of epochs ``<= epoch`` (used on resume; TensorBoard hides the later steps)."""
+        if self.writer is not None:  # a killed run may have logged epochs its checkpoint does not cover
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self.writer.log_dir
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=epoch + 1)
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()

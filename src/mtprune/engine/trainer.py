@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..tasks.base import Task
+from ..utils.atomic import remove_stale_temporaries
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import seed_everything
-from .batch import task_outputs, unpack_batch
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .batch import check_targets, collate, task_outputs, unpack_batch
+from .checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from .distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -166,13 +167,17 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
-        state = self._resume(model, logger) if cfg.resume else RunState(reference=cfg.reference)
+        if cfg.resume:
+            state = self._resume(model, logger)
+        else:  # a fresh run: records a killed earlier attempt logged in run_dir are not this run's
+            logger.drop_after(0)
+            state = RunState(reference=cfg.reference)
         net = wrap_model(model, device, find_unused)
         sampler = train_sampler(self.train_data, cfg.seed, cfg.drop_last)
         generator = torch.Generator()
         loader = DataLoader(
             self.train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            generator=generator, drop_last=cfg.drop_last, pin_memory=device.type == "cuda",
+            generator=generator, drop_last=cfg.drop_last, pin_memory=device.type == "cuda", collate_fn=collate,
         )
         first = state.epoch + 1
         try:
@@ -213,9 +218,9 @@ class Trainer:
                 "score": score, "best_epoch": state.best_epoch, "time": time.perf_counter() - start,
             })
             payload = self._payload(model, epoch, state, rng)
-            save_checkpoint(self.last_path, payload)
-            if improved:
-                save_checkpoint(self.best_path, payload)
+            if improved:  # best first: a kill between the two writes leaves last.pt one epoch behind, which a
+                save_checkpoint(self.best_path, payload)  # resume redoes exactly, never a best.pt older than
+            save_checkpoint(self.last_path, payload)  # the best epoch recorded in last.pt
         barrier()
 
     def _train_epoch(self, net: nn.Module, loader: DataLoader, epoch: int) -> dict[str, float]:
@@ -229,9 +234,10 @@ class Trainer:
                 images, targets = unpack_batch(batch, self.names, self.device)
                 with torch.autocast(self.device.type, enabled=self.amp):
                     outputs = task_outputs(net(images), self.names)
+                    check_targets(self.tasks, outputs, targets)
                     losses = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in self.names}
                 stacked = torch.stack([losses[t].detach().double().reshape(()) for t in self.names])
-                self._check_finite(stacked, epoch, step)
+                self._check_finite(stacked, epoch, step, outputs)
                 total = self.weighting.combine(losses)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(total).backward()
@@ -248,14 +254,17 @@ class Trainer:
         sums = all_reduce_sum(sums).cpu()
         return {t: float(sums[i] / max(float(sums[-1]), 1.0)) for i, t in enumerate(self.names)}
 
-    def _check_finite(self, stacked: Tensor, epoch: int, step: int) -> None:
+    def _check_finite(self, stacked: Tensor, epoch: int, step: int, outputs: Mapping[str, Tensor]) -> None:
         """Stop every rank together when any rank sees a non-finite task loss (no step, no checkpoint)."""
         bad = all_reduce_sum((~torch.isfinite(stacked)).double())
         if bool(bad.any()):
             names = [t for t, b in zip(self.names, bad.tolist(), strict=True) if b]
+            diverged = [t for t in names if not bool(torch.isfinite(outputs[t].detach()).all())]
+            why = f"; the model's outputs for {diverged} are already non-finite (diverged)" if diverged else ""
+            last = self.last_path if self.last_path.exists() else "none (no epoch completed)"
             raise NonFiniteLossError(
-                f"the training loss of task(s) {names} is NaN or Inf (epoch {epoch}, step {step}); "
-                f"stopped; the last good checkpoint is {self.last_path}"
+                f"the training loss of task(s) {names} is NaN or Inf (epoch {epoch}, step {step}){why}; "
+                f"stopped before the update; the last good checkpoint is {last}"
             )
 
     def _probe(self, model: nn.Module) -> bool:
@@ -266,10 +275,16 @@ class Trainer:
         """
         if len(self.train_data) == 0:
             raise MTPruneInputError("the training data is empty")
-        images, _ = unpack_batch(default_collate([self.train_data[0]]), self.names, self.device)
+        if hasattr(self.val_data, "__len__") and len(self.val_data) == 0:
+            raise MTPruneInputError("the validation data is empty (model selection needs it)")
+        images, targets = unpack_batch(default_collate([self.train_data[0]]), self.names, self.device)
         with eval_mode(model, self.device), torch.no_grad():
-            out = model(images)
-        task_outputs(out, self.names)
+            try:
+                out = model(images)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise MTPruneInputError(f"the model cannot run on the training images (one sample of shape "
+                                        f"{list(images.shape)}, {images.dtype}): {one_line(err, 1)}") from err
+            check_targets(self.tasks, task_outputs(out, self.names), targets)
         return bool(set(out) - set(self.names))
 
     def _param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -296,25 +311,36 @@ class Trainer:
 
     def _resume(self, model: nn.Module, logger: RunLogger) -> RunState:
         """Load ``last.pt`` into every component; a run without a checkpoint starts from epoch 1."""
+        if self.dist.is_main:  # temporaries of checkpoint writes that a kill interrupted
+            remove_stale_temporaries(self.last_path.parent, recursive=False)
         if not self.last_path.exists():
             log.warning("resume: no checkpoint at %s; starting from epoch 1", self.last_path)
+            logger.drop_after(0)
             return RunState(reference=self.config.reference)
         ckpt = load_checkpoint(self.last_path)
-        if ckpt["tasks"] != self.names:
-            raise MTPruneInputError(f"resume: the checkpoint's tasks {ckpt['tasks']} are not {self.names}")
-        model.load_state_dict(ckpt["model"])
-        self.weighting.load_state_dict(ckpt["weighting"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]
-        if self.dist.rank < len(rng):
-            restore_rng(rng[self.dist.rank], self.device)
-        else:
-            log.warning("resume: the checkpoint has no RNG state for rank %d; it keeps its seed", self.dist.rank)
-        logger.drop_after(ckpt["epoch"])
-        return RunState(**ckpt["run"])
+        try:
+            if ckpt["tasks"] != self.names:
+                raise MTPruneInputError(f"{self.last_path}: the checkpoint's tasks {ckpt['tasks']} are not "
+                                        f"{self.names}; cannot resume")
+            model.load_state_dict(ckpt["model"])
+            self.weighting.load_state_dict(ckpt["weighting"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt["scaler"]:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            rng = ckpt["rng"]
+            if self.dist.rank < len(rng):
+                restore_rng(rng[self.dist.rank], self.device)
+            else:
+                log.warning("resume: the checkpoint has no RNG state for rank %d; it keeps its seed", self.dist.rank)
+            epoch, run = int(ckpt["epoch"]), RunState(**ckpt["run"])
+        except MTPruneInputError:
+            raise
+        except (KeyError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise MTPruneInputError(f"{self.last_path}: a damaged or foreign checkpoint; cannot resume from it "
+                                    f"({type(err).__name__}: {one_line(err)})") from err
+        logger.drop_after(epoch)
+        return run
 
 
 def train(

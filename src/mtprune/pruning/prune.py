@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..measure import layer_macs
+from ..tasks.base import Task
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import eval_mode
 from .allocate import Plan, plan_removal
@@ -70,9 +71,21 @@ def _check_target(target_macs, target_params, channel_ratio) -> tuple[str, float
     return name, float(value)
 
 
+class _CheckedLoss:
+    """A task's loss that first checks the target against the prediction (``Task.check_target``), so that bad
+    data is refused with the task's name instead of failing deep inside the loss."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
+        self.task.check_target(pred, target)
+        return self.task.loss(pred, target)
+
+
 def as_losses(losses: Mapping) -> dict:
-    """Accept loss callables or ``Task`` objects (their ``.loss``)."""
-    return {k: getattr(v, "loss", v) for k, v in losses.items()}
+    """Accept loss callables or ``Task`` objects (their ``.loss``, checking each target first)."""
+    return {k: _CheckedLoss(v) if isinstance(v, Task) else getattr(v, "loss", v) for k, v in losses.items()}
 
 
 def gather_statistics(model: nn.Module, graph: PruningGraph, criterion: Criterion, data: Iterable | None,
@@ -82,8 +95,28 @@ def gather_statistics(model: nn.Module, graph: PruningGraph, criterion: Criterio
         raise ValueError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
     engine = StatisticsEngine(model, graph, as_losses(losses), [criterion])
     with eval_mode(model):  # statistics with frozen BN statistics and no dropout noise
-        engine.run(data, batches)
+        engine.run(_checked_images(data), batches)
     return engine
+
+
+def _checked_images(data: Iterable) -> Iterable:
+    """``data``, refusing batches that cannot be loaded or whose images are not finite floating-point tensors."""
+    from ..engine.batch import check_images
+    from ..engine.checkpoint import one_line
+
+    batches = iter(data)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except MTPruneInputError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:  # e.g. samples of different shapes
+            raise MTPruneInputError(f"cannot load a batch of the statistics data: {one_line(err, 1)}") from err
+        if isinstance(batch, list | tuple) and len(batch) == 2:
+            check_images(batch[0])
+        yield batch
 
 
 def criterion_scores(model: nn.Module, graph: PruningGraph, criterion: Criterion, *, data: Iterable | None = None,

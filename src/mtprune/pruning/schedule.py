@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..engine.batch import collate
+from ..engine.checkpoint import load_model_state
 from ..engine.evaluate import evaluate
 from ..engine.trainer import TrainConfig, Trainer
 from ..io import load as load_model
@@ -29,6 +31,7 @@ from ..io import save as save_model
 from ..tasks import Task
 from ..utils.atomic import atomic_write_json
 from ..utils.errors import MTPruneInputError
+from ..utils.runtime import seed_everything
 from .allocate import plan_removal
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph, apply_widths
@@ -59,7 +62,8 @@ def _default_rebuild(model: nn.Module) -> Callable[[], nn.Module]:
 
 
 def _stats_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=collate)
 
 
 def _write_state(run_dir: Path, records: list[StepRecord], **extra) -> None:
@@ -123,15 +127,16 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
             relative = min(original * goal ** (step / steps) / current, 0.999)
             target = {"target_macs" if pick else "target_params": relative}
             data = _stats_loader(train_set, stats_batch_size, finetune.seed + step)
-            prune(model, example_inputs, crit, data=data, losses=as_losses(tasks), batches=stats_batches,
-                  **target, **prune_kw)
+            with torch.random.fork_rng(devices=[]):  # the statistics (random augmentation included) depend on
+                torch.manual_seed(finetune.seed + step)  # (seed, step) only: a resumed run decides the same
+                prune(model, example_inputs, crit, data=data, losses=as_losses(tasks), batches=stats_batches,
+                      **target, **prune_kw)
             save_model(model, pruned_path, example_inputs=example_inputs)
         cfg = TrainConfig(**{**asdict(finetune), "resume": resume and (step_dir / "checkpoints").is_dir()})
         if cfg.epochs > 0:
             summary = Trainer(model, tasks, train_set, val_set, step_dir, cfg).fit()
             if summary.best_checkpoint:
-                state = torch.load(summary.best_checkpoint, map_location="cpu", weights_only=True)
-                model.load_state_dict(state["model"])
+                load_model_state(model, summary.best_checkpoint)
         save_model(model, step_dir / "model.mtp", example_inputs=example_inputs)
         rec = _record(step, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
                       cfg.device, cfg.eval_batch_size or cfg.batch_size)
@@ -151,7 +156,8 @@ def _batches(dataset: Dataset, batch_size: int, seed: int, start: int) -> Iterat
         epoch, offset = divmod(it, n)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         loader = DataLoader(torch.utils.data.Subset(dataset, order[offset * batch_size:].tolist()),
-                            batch_size=batch_size)
+                            batch_size=batch_size, generator=torch.Generator(),  # never draws the global RNG
+                            collate_fn=collate)
         for batch in loader:
             yield it, batch
             it += 1
@@ -199,6 +205,8 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
     start = records[-1].iteration or 0
     stream = _batches(train_set, batch_size, seed, start)
     while records[-1].step < max_steps and not reached():
+        # the interval's random draws (augmentation, dropout) depend on (seed, step) only: resumable exactly
+        seed_everything(seed * 1_000_003 + records[-1].step + 1)
         graph = PruningGraph(model, x)
         engine = StatisticsEngine(model, graph, losses, [crit], device=dev)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -22,6 +22,11 @@ def match_size(pred: Tensor, target: Tensor) -> Tensor:
     return pred
 
 
+_LABEL_KINDS = ("seg", "class")  # targets are class indices: one dimension fewer than the prediction
+_MATCHED_KINDS = ("depth", "normal", "edge", "multilabel")  # targets have the prediction's batch and channels
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
 class Meter(ABC):
     """Accumulates sufficient statistics over a split in one float64 vector.
 
@@ -73,6 +78,33 @@ class Task(ABC):
             raise MTPruneInputError(
                 f"task {self.name!r}: expected {self.out_channels} output channels, got shape {tuple(pred.shape)}"
             )
+
+    def check_target(self, pred: Tensor, target: Tensor) -> None:
+        """Refuse a target that does not fit this task's prediction (docs/internals.md, the sample contract).
+
+        Every target must be finite (invalid pixels are marked with the data's fill value, not NaN). Class labels
+        (``seg``: ``[N, H, W]``, ``class``: ``[N]``) are integers; the other built-in kinds have the prediction's
+        batch and channel sizes (``[N, C, H, W]`` or ``[N, C]``; dense targets may have another resolution).
+        """
+        where = f"task {self.name!r}"
+        if not isinstance(target, Tensor):
+            raise MTPruneInputError(f"{where}: the target is a {type(target).__name__}, not a Tensor")
+        if target.is_complex() or not (target.is_floating_point() or target.dtype in _INTEGER_DTYPES):
+            raise MTPruneInputError(f"{where}: the target has dtype {target.dtype}; expected real numbers")
+        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            raise MTPruneInputError(f"{where}: the target contains NaN or Inf values (mark invalid pixels "
+                                    "with the data's fill value instead)")
+        if self.kind in _LABEL_KINDS:
+            want = pred.dim() - 1
+            if target.dim() != want or target.shape[:1] != pred.shape[:1]:
+                layout = "[N, H, W]" if self.kind == "seg" else "[N]"
+                raise MTPruneInputError(f"{where}: class labels of shape {tuple(target.shape)} do not fit the "
+                                        f"prediction of shape {tuple(pred.shape)}; expected {layout} labels")
+            if target.is_floating_point() and bool((target != target.round()).any()):
+                raise MTPruneInputError(f"{where}: class labels must be integers, got fractional values")
+        elif self.kind in _MATCHED_KINDS and (target.dim() != pred.dim() or target.shape[:2] != pred.shape[:2]):
+            raise MTPruneInputError(f"{where}: a target of shape {tuple(target.shape)} does not fit the prediction "
+                                    f"of shape {tuple(pred.shape)} (batch and channel sizes must match)")
 
     def check_labels(self, target: Tensor) -> Tensor:
         """Class labels as int64; a label at or above the class count is refused (−1 means ignore)."""

@@ -64,6 +64,24 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that writes killed mid-way left in ``folder``.
+
+    Called when a run resumes: a SIGKILL between ``mkstemp`` and the rename leaves such a file behind. Returns
+    the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    removed = []
+    for path in found:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
