@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001
         if args.debug:
             traceback.print_exc()
-        print(f"mtprune: internal error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+        first = (str(err).splitlines() or [""])[0]
+        print(f"mtprune: internal error: {type(err).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
 

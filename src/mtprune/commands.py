@@ -11,6 +11,7 @@ import torch
 
 from . import recipe
 from .config import RunConfig, apply_overrides, dump_config, load_config, parse_config
+from .engine.checkpoint import load_model_state
 from .engine.evaluate import evaluate
 from .engine.trainer import Trainer
 from .io import load as load_model
@@ -68,11 +69,7 @@ def load_best(model: torch.nn.Module, run_dir: Path) -> None:
     path = run_dir / "checkpoints" / "best.pt"
     if not path.is_file():
         raise MTPruneInputError(f"{run_dir}: no checkpoints/best.pt; has the run trained an epoch?")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any unreadable or unsafe file)
-        raise MTPruneInputError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    model.load_state_dict(state["model"])
+    load_model_state(model, path)
 
 
 @command("train")

@@ -68,6 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.batch import unpack_batch
+from ..engine.checkpoint import load_model_state
 from ..measure import layer_macs
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import eval_mode
@@ -869,7 +870,7 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
             return
         summary = Trainer(model, tasks, train_set, val_set, step_dir, dataclasses.replace(finetune, resume=False)).fit()
         if summary.best_checkpoint:
-            model.load_state_dict(torch.load(summary.best_checkpoint, map_location="cpu", weights_only=True)["model"])
+            load_model_state(model, summary.best_checkpoint)
         model.to(device)
 
     records = [record(0)]
