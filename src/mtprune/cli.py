@@ -12,6 +12,18 @@ import traceback
 from .utils.errors import MTPruneInputError
 
 
+def _config_command(sub, name: str, help: str, *, resume: bool = True) -> argparse.ArgumentParser:
+    """A sub-command that runs a YAML config into a run directory."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    p.add_argument("--overwrite", action="store_true")
+    if resume:
+        p.add_argument("--resume", action="store_true")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtprune", description="Compress multi-task neural networks.")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
@@ -25,25 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    train = sub.add_parser("train", help="train a multi-task model from a YAML config")
-    train.add_argument("config")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    train.add_argument("--resume", action="store_true")
-    train.add_argument("--overwrite", action="store_true")
-
-    pr = sub.add_parser("prune", help="train (or load) a model, prune it on a schedule, fine-tune, report")
-    pr.add_argument("config")
-    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    pr.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    pr.add_argument("--resume", action="store_true")
-    pr.add_argument("--overwrite", action="store_true")
-
-    sp = sub.add_parser("sparsify", help="unstructured sparsification (DiSparse and baselines), train, report")
-    sp.add_argument("config")
-    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    sp.add_argument("--overwrite", action="store_true")
+    _config_command(sub, "train", "train a multi-task model from a YAML config")
+    _config_command(sub, "prune", "train (or load) a model, prune it on a schedule, fine-tune, report")
+    _config_command(sub, "sparsify", "unstructured sparsification (DiSparse and baselines), train, report",
+                    resume=False)
 
     from .merging import command as merge_command
 
