@@ -354,3 +354,20 @@ def test_static_result_reports_agreement_storage_and_parts() -> None:
         int(m.sum()) for m in result.masks.values())
     json.dumps(result.to_dict())  # JSON-ready
     assert "storage, not time" in result.speed_note
+
+
+def test_csr_export_computes_the_masked_function_on_sparse_kernels():
+    """export_csr swaps masked conv/linear layers for CSR products and keeps the outputs."""
+    from mtprune.sparsity.export import CSRConv2d, CSRLinear, export_csr
+    from mtprune.sparsity.masks import apply_masks, maskable_params
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=2, dilation=2, stride=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 5))
+    masks = {p: torch.rand(shape) > 0.8 for p, shape in maskable_params(net).items()}
+    apply_masks(net, masks)
+    x = torch.randn(2, 3, 8, 8)
+    sparse = export_csr(net)
+    assert isinstance(sparse[0], CSRConv2d) and isinstance(sparse[3], CSRLinear)
+    assert sparse[0].weight_csr.layout == torch.sparse_csr
+    torch.testing.assert_close(sparse(x), net(x), rtol=1e-4, atol=1e-5)

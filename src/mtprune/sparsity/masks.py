@@ -24,6 +24,7 @@ them. Caveat of the mechanism: ``module.weight`` is refreshed at each forward; a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import numpy as np
@@ -117,6 +118,16 @@ def remove_masks(model: nn.Module) -> None:
     for m in maskable_layers(model).values():
         if is_masked(m):
             prune.remove(m, "weight")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of a (possibly masked) model. After a forward with gradients a masked layer's ``weight`` is a
+    non-leaf tensor that ``copy.deepcopy`` refuses, so it is recomputed without a graph first."""
+    with torch.no_grad():
+        for m in maskable_layers(model).values():
+            if is_masked(m):
+                _refresh(m)
+    return copy.deepcopy(model)
 
 
 def dense_copy_of_state(model: nn.Module) -> dict[str, Tensor]:

@@ -9,20 +9,20 @@ plus the masks bit-packed (dense size + N/8 bytes), so it loads into an ordinary
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
 from ..measure import eval_mode, measure_latency
-from .masks import dense_copy_of_state, get_masks, remove_masks
+from .masks import copy_model, dense_copy_of_state, get_masks, remove_masks
 
 SPEED_NOTE = ("Unstructured sparsity saves storage, not time: dense conv/linear kernels multiply the zeros too. "
               "With the masks baked in (mtprune.sparsity.remove_masks) the model runs at the dense model's speed; "
               "with the masks still attached it is slower, since every forward multiplies each weight by its mask "
               "(see the measured latencies). A speed-up needs sparse kernels (e.g. 2:4 semi-structured sparsity on "
-              "recent GPUs, or very high sparsity with CSR kernels) or structured pruning (mtprune.prune).")
+              "recent GPUs, or very high sparsity with CSR kernels: mtprune.sparsity.export.export_csr, measured as "
+              "csr_ms) or structured pruning (mtprune.prune).")
 
 
 def stored_size(model: nn.Module, *, index_bytes: int = 4) -> dict[str, float]:
@@ -47,15 +47,23 @@ def stored_size(model: nn.Module, *, index_bytes: int = 4) -> dict[str, float]:
 
 
 def latency(model: nn.Module, example_inputs: Tensor, *, repeats: int = 10, warmup: int = 3) -> dict[str, float]:
-    """Median forward time of the masked model as it is and of a copy with the masks baked in, in ms."""
+    """Median forward time in ms of the masked model as it is, of a copy with the masks baked in, and (on CPU) of
+    the CSR export (``sparsity.export.export_csr``), the real sparse path."""
+    from .export import export_csr
+
     device = next(model.parameters()).device
     x = example_inputs.to(device)
-    dense = copy.deepcopy(model)
+    dense = copy_model(model)
     remove_masks(dense)
+    nets = [("masked_ms", model), ("dense_ms", dense)]
+    if device.type == "cpu":
+        nets.append(("csr_ms", export_csr(model)))
     out = {}
-    for key, net in (("masked_ms", model), ("dense_ms", dense)):
+    for key, net in nets:
         with eval_mode(net), torch.inference_mode():
             out[key] = measure_latency(lambda net=net: net(x), warmup=warmup, repeats=repeats, device=device)
     out["speedup"] = out["dense_ms"] / out["masked_ms"]
+    if "csr_ms" in out:
+        out["csr_speedup"] = out["dense_ms"] / out["csr_ms"]
     out.update({"batch_size": int(x.shape[0]), "threads": torch.get_num_threads(), "device": str(device)})
     return out
