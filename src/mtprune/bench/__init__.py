@@ -62,7 +62,14 @@ def _mfis(scale: str = "cpu", out=None, **_):
     return _merge_runs("mfis", {"3tasks": []}, scale, out)
 
 
-SUITES: dict[str, Callable[..., dict]] = {"speed": _speed, "disparse2022": _disparse, "pam": _pam, "mfis": _mfis}
+def _pagcp(**kw):
+    from .pagcp_vs_global import run
+
+    return run(**kw)
+
+
+SUITES: dict[str, Callable[..., dict]] = {"speed": _speed, "disparse2022": _disparse, "pam": _pam, "mfis": _mfis,
+                                          "pagcp": _pagcp}
 
 
 def run_suite(name: str, **kw) -> dict:
