@@ -9,6 +9,8 @@ measures rather than assumes.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,12 +18,18 @@ from torch import Tensor, nn
 from .masks import copy_model, effective_weight, is_masked, remove_masks
 
 
+def _csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we test what we use
+        warnings.simplefilter("ignore", UserWarning)
+        return weight.detach().to_sparse_csr()
+
+
 class CSRLinear(nn.Module):
     """``y = x Wᵀ + b`` with W stored as a CSR matrix."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("weight_csr", weight.detach().to_sparse_csr())
+        self.register_buffer("weight_csr", _csr(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -38,7 +46,7 @@ class CSRConv2d(nn.Module):
         super().__init__()
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.register_buffer("weight_csr", weight.detach().reshape(conv.out_channels, -1).to_sparse_csr())
+        self.register_buffer("weight_csr", _csr(weight.reshape(conv.out_channels, -1)))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
