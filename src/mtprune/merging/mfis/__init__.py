@@ -7,7 +7,7 @@ objectives: each task's importance lost, the merged network's MACs, and the diss
 pymoo is imported only when a search runs.
 """
 
-from .build import MFISHead, MFISNet, SlotGroup, build_mfis
+from .build import MFISNet, SlotGroup, build_mfis
 from .encoding import Layout, Settled, decode, encode, from_keep_sets, keep_counts, settle, to_keep_sets
 from .objectives import Evaluation, Landscape, LayerStats, evaluate, fidelity_table, merge_cost_table, subset_macs
 from .report import MFISReport, plot_front, sharing_table
@@ -15,7 +15,7 @@ from .run import MFISConfig, MFISSearch, load_mfis_config, mfis, mfis_search, ru
 from .solve import ParetoFront, knee_point, select_solution, solve
 
 __all__ = [
-    "Evaluation", "Landscape", "LayerStats", "Layout", "MFISConfig", "MFISHead", "MFISNet", "MFISReport",
+    "Evaluation", "Landscape", "LayerStats", "Layout", "MFISConfig", "MFISNet", "MFISReport",
     "MFISSearch", "ParetoFront", "Settled", "SlotGroup", "build_mfis", "decode", "encode", "evaluate", "fidelity_table",
     "from_keep_sets", "keep_counts", "knee_point", "load_mfis_config", "merge_cost_table", "mfis", "mfis_search",
     "plot_front", "run_from_config", "select_solution", "settle", "sharing_table", "solve", "subset_macs",

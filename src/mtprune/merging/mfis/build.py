@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from mtprune.utils.errors import MTPruneInputError
 
 from ..chain import Chain, Stage
-from ..merged_net import MergedStage
+from ..merged_net import MergedStage, TaskBranch
 from .encoding import pattern_names, settle
 
-__all__ = ["MFISHead", "MFISNet", "SlotGroup", "build_mfis"]
+__all__ = ["TaskBranch", "MFISNet", "SlotGroup", "build_mfis"]
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,11 @@ class SlotGroup:
                 "slots": list(self.slots), "inputs": list(self.inputs)}
 
 
-class MFISHead(nn.Module):
-    """What only task t depends on: its groups ``stages`` and its output layer ``out``."""
-
-    def __init__(self, stages: Mapping[str, MergedStage], out: MergedStage) -> None:
-        super().__init__()
-        self.stages = nn.ModuleDict(stages)
-        self.out = out
-
-    @property
-    def predictor(self) -> list[nn.Module]:
-        return [self.out.layer]
-
-
 class MFISNet(nn.Module):
     """The merged network; ``forward(x, tasks=None) -> {task: output}`` (see the module docstring)."""
 
     def __init__(self, tasks: Sequence[str], plan: Sequence[Sequence[SlotGroup]], shared: Mapping[str, MergedStage],
-                 heads: Mapping[str, MFISHead], head_inputs: Mapping[str, Sequence[str]], widths: Sequence[int],
+                 heads: Mapping[str, TaskBranch], head_inputs: Mapping[str, Sequence[str]], widths: Sequence[int],
                  layer_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
@@ -225,6 +212,6 @@ def build_mfis(chains: Mapping[str, Chain], matrices: Sequence[np.ndarray]) -> M
         head_inputs[t] = [g.key for g in inputs]
         out_stage = chains[t].stages[-1]
         out = _slice([out_stage], range(out_stage.width), [s for g in inputs for s in g.slots])
-        heads[t] = MFISHead(exclusive[t], out)
+        heads[t] = TaskBranch(exclusive[t], out)
     return MFISNet(tasks, plan, shared, heads, head_inputs, [ref.stages[k].width for k in range(depth)],
                    [ref.stages[k].name for k in range(depth)])
