@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mtprune
+from helpers import nyu_batches as zoo_batches
+from helpers import zoo_model
 from mtprune.pruning.allocate import plan_removal
 from mtprune.pruning.criteria import CRITERIA, get_criterion, mean_pairwise_cosine
 from mtprune.pruning.criteria.cosprune import CosPrune
@@ -29,35 +31,9 @@ from mtprune.pruning.prune import criterion_scores
 from mtprune.pruning.stats import StatisticsEngine, static_stats
 from mtprune.utils.errors import MTPruneInputError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- tiny models and data
-def zoo_model(seed: int = 0) -> nn.Module:
-    """Deeplab-ResNet-18 at 1/8 width with three conv heads of 16 hidden channels."""
-    torch.manual_seed(seed)
-    return mtprune.build_model("deeplab_resnet18", {"seg": 5, "depth": 1, "normal": 3}, width=0.125, head="conv",
-                               head_kwargs={"hidden": 16, "width": 1.0})
 
 
-def zoo_batches(n: int = 2, seed: int = 1) -> list[tuple[Tensor, dict[str, Tensor]]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        normal = torch.randn(2, 3, 32, 40, generator=gen)
-        out.append((torch.randn(2, 3, 32, 40, generator=gen), {
-            "seg": torch.randint(0, 5, (2, 32, 40), generator=gen),
-            "depth": torch.rand(2, 1, 32, 40, generator=gen) + 0.1,
-            "normal": normal / normal.norm(dim=1, keepdim=True),
-        }))
-    return out
 
 
 ZOO_TASKS = mtprune.tasks.preset("nyuv2", num_classes=5)

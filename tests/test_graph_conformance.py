@@ -21,15 +21,6 @@ from mtprune.pruning.graph import ChannelGroup, PruningGraph, apply_widths
 from mtprune.utils.errors import MTPruneInputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- tiny models
 class MT(nn.Module):
     """MultiTaskModel-style: ``self.backbone`` and ``self.heads`` (ModuleDict); dense outputs optionally upsampled."""

@@ -18,24 +18,18 @@ from torch import Tensor, nn
 
 import mtprune
 import mtprune.io as mio
+from helpers import nyu_batches, zoo_model
 from mtprune.utils.errors import MTPruneInputError
+
+zoo = zoo_model
+
+
+def data(n: int = 2):
+    return nyu_batches(n, seed=2)
 
 X = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def zoo(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return mtprune.build_model("deeplab_resnet18", {"seg": 5, "depth": 1, "normal": 3}, width=0.125, head="conv",
-                               head_kwargs={"hidden": 16, "width": 1.0})
 
 
 class UserNet(nn.Module):
@@ -258,3 +252,4 @@ def test_user_model_needs_a_base(tmp_path: Path) -> None:
         mtprune.load(path)
     with pytest.raises(MTPruneInputError, match="user.mtp"):
         mtprune.load(path, base=zoo())
+

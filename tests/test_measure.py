@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -17,15 +16,6 @@ from mtprune.measure import layer_macs
 from mtprune.models import MultiTaskModel
 
 X = torch.randn(2, 3, 8, 10, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class HandNet(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mtprune
+from helpers import nyu_batches
 from mtprune.measure import layer_macs
 from mtprune.pruning.allocate import plan_removal
 from mtprune.pruning.criteria import CRITERIA, get_criterion
@@ -23,15 +24,6 @@ from mtprune.pruning.graph import ChannelGroup, PruningGraph
 from mtprune.utils.errors import MTPruneInputError
 
 TASKS = {"seg": 5, "depth": 1, "normal": 3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +42,10 @@ def model(base: nn.Module) -> nn.Module:
 X = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(1))
 
 
-def data(n: int = 2) -> list[tuple[Tensor, dict[str, Tensor]]]:
-    gen = torch.Generator().manual_seed(2)
-    out = []
-    for _ in range(n):
-        normal = torch.randn(2, 3, 32, 40, generator=gen)
-        out.append((torch.randn(2, 3, 32, 40, generator=gen), {
-            "seg": torch.randint(0, 5, (2, 32, 40), generator=gen),
-            "depth": torch.rand(2, 1, 32, 40, generator=gen) + 0.1,
-            "normal": normal / normal.norm(dim=1, keepdim=True),
-        }))
-    return out
+
+
+def data(n: int = 2):
+    return nyu_batches(n, seed=2)
 
 
 LOSSES = mtprune.tasks.preset("nyuv2", num_classes=5)
