@@ -7,19 +7,11 @@ import sys
 import pytest
 import yaml
 
+from helpers import tiny_run
 from mtprune.cli import main
 from mtprune.config import load_config
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"name": "synthetic_scenes", "augment": True,
-             "kwargs": {"n_train": 12, "n_val": 6, "height": 32, "width": 40}},
-    "tasks": {"preset": "synthetic_scenes", "names": ["seg", "depth"]},
-    "model": {"name": "deeplab_resnet18", "width": 0.125, "head": "conv"},
-    "train": {"epochs": 2, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6},
-}
+TINY = tiny_run(train={"epochs": 2, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6})
 
 
 @pytest.fixture

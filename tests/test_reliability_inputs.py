@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mtprune
 import mtprune.commands  # noqa: F401  (imported once here, not inside the first timed example)
+from helpers import tiny_run
 from mtprune.cli import main
 from mtprune.config import (
     DataConfig,
@@ -45,19 +46,12 @@ from mtprune.engine import train
 from mtprune.tasks import DepthTask, SegmentationTask, preset
 from mtprune.utils.errors import MTPruneInputError
 
-BASE = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"name": "synthetic_scenes", "augment": True,
-             "kwargs": {"n_train": 12, "n_val": 6, "height": 32, "width": 40}},
-    "tasks": {"preset": "synthetic_scenes", "names": ["seg", "depth"]},
-    "model": {"name": "deeplab_resnet18", "width": 0.125, "head": "conv"},
-    "train": {"epochs": 1, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6},
-    "prune": {"criterion": "taylor", "target_macs": 0.5, "steps": 2, "finetune": {"epochs": 1, "lr": 0.001},
-              "pagcp": {"rounds": 2}},
-    "sparsify": {"method": "snip", "sparsity": 0.9, "dynamic": {"delta_t": 10}},
-}
+BASE = tiny_run(
+    train={"epochs": 1, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6},
+    prune={"criterion": "taylor", "target_macs": 0.5, "steps": 2, "finetune": {"epochs": 1, "lr": 0.001},
+           "pagcp": {"rounds": 2}},
+    sparsify={"method": "snip", "sparsity": 0.9, "dynamic": {"delta_t": 10}},
+)
 SECTIONS = {"": RunConfig, "data": DataConfig, "tasks": TasksConfig, "model": ModelConfig, "train": TrainSection,
             "prune": PruneSection, "prune.finetune": TrainSection, "prune.pagcp": PAGCPSection,
             "sparsify": SparsifySection, "sparsify.dynamic": DynamicSection}

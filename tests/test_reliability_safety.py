@@ -20,22 +20,14 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from helpers import tiny_run
 from mtprune.cli import main
 from mtprune.engine import TrainConfig, Trainer, load_checkpoint
 from mtprune.engine import checkpoint as checkpoint_mod
 from mtprune.engine import trainer as trainer_mod
 from mtprune.tasks import DepthTask, SegmentationTask
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"name": "synthetic_scenes", "augment": True,
-             "kwargs": {"n_train": 12, "n_val": 6, "height": 32, "width": 40}},
-    "tasks": {"preset": "synthetic_scenes", "names": ["seg", "depth"]},
-    "model": {"name": "deeplab_resnet18", "width": 0.125, "head": "conv"},
-    "train": {"epochs": 1, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6},
-}
+TINY = tiny_run(train={"epochs": 1, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6})
 PRUNE = {"criterion": "taylor", "target_macs": 0.5, "steps": 2, "stats_batches": 1,
          "finetune": {"epochs": 1, "batch_size": 6}}
 
