@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale", default="cpu", help="model/input scale of the suite (e.g. small, cpu, gpu)")
     bench.add_argument("--out", default=None)
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--resume", action="store_true", help="keep the suite entries that already finished")
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory on its validation split")
     ev.add_argument("target", help="a run directory (or a .mtp file with --config)")

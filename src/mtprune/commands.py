@@ -235,6 +235,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_suite
 
-    result = run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads)
+    result = run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1, default=str)[:4000])
     return 0

@@ -1,13 +1,17 @@
-"""What every suite records: the machine, the threads, the date, and where results go."""
+"""What every suite shares: the machine record, where results go, and resumable suite entries."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ..utils.atomic import atomic_write_json
 
 
 def machine() -> dict:
@@ -25,3 +29,32 @@ def results_dir(suite: str, out: str | Path | None) -> Path:
     path = Path(out) if out else Path("benchmarks") / "results" / suite
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class Entries:
+    """A suite's completed entries, one JSON file each under ``<folder>/entries/``.
+
+    ``get(key, fn)`` returns the stored result of ``key`` when ``resume`` is set and the entry finished before;
+    otherwise it runs ``fn()`` and stores the result atomically. A suite killed at any moment therefore resumes
+    from its last completed entry (``mtprune bench SUITE --resume``); without ``--resume`` every entry reruns.
+    """
+
+    def __init__(self, folder: Path, *, resume: bool) -> None:
+        self.folder = Path(folder) / "entries"
+        self.resume = resume
+
+    def path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+        return self.folder / f"{safe}.json"
+
+    def get(self, key: str, fn: Callable[[], dict]) -> dict:
+        path = self.path(key)
+        if self.resume and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass  # a damaged entry is recomputed (writes are atomic, so only a hand edit gets here)
+        result = fn()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+        return result
