@@ -85,6 +85,8 @@ def test_prune_profile_report(tiny_config, tmp_path):
     assert abs(pruned["macs"] / dense["macs"] - 0.5) < 0.02 * 0.5
     assert [r["step"] for r in summary["trajectory"]] == [0, 1, 2]
     assert (out / "report.md").is_file() and (out / "plots" / "widths.png").is_file()
+    assert (out / "plots" / "width_trajectory.png").is_file()  # the widths at every step of the schedule
+    assert "plots/width_trajectory.png" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert run("report", out) == 0 and "pruned" in (out / "report.md").read_text()
     assert run("profile", out / "model.mtp", "--json", tmp_path / "p.json") == 0

@@ -472,3 +472,37 @@ def apply_widths(model: nn.Module, example_inputs: Tensor | tuple | Any, widths:
         if width < g.channels:
             plan[g.index] = list(range(int(width), g.channels))
     graph.prune(plan)
+
+
+def torch_pruning_magnitude(model: nn.Module, example_inputs: Tensor | tuple | Any, pruning_ratio: float) -> None:
+    """Prune ``model`` in place the way a Torch-Pruning user would: ``MetaPruner`` with
+    ``GroupMagnitudeImportance`` (L2 norm, mean over the coupled group) at one channel ratio for every layer
+    (its default, non-global mode), with each task's output predictor in ``ignored_layers``.
+
+    The baseline row of the ``criteria`` benchmark (Fang et al., DepGraph, CVPR 2023). The predictors to protect
+    are found as :class:`PruningGraph` finds them; train mode and ``requires_grad`` flags are restored.
+    """
+    import torch_pruning as tp
+
+    if not 0 <= pruning_ratio < 1:
+        raise MTPruneInputError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
+    graph = PruningGraph(model, example_inputs)
+    if pruning_ratio == 0:
+        return
+    modules = dict(model.named_modules())
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+
+    def forward_fn(m: nn.Module, inputs: Any) -> Any:
+        return check_multitask_output(_call(m, inputs))
+
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=pruning_ratio, ignored_layers=[modules[n] for n in graph.protected], forward_fn=forward_fn)
+        pruner.step()
+    finally:
+        for m, was in modes.items():
+            m.training = was
+        for p in model.parameters():
+            p.requires_grad_(grads.get(p, True))

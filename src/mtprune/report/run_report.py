@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .markdown import model_table, write_report
-from .plots import plot_metric_vs_macs, plot_widths
+from .plots import plot_metric_vs_macs, plot_width_trajectory, plot_widths
 
 
 def _subset_table(rows: list[dict]) -> str:
@@ -30,11 +30,18 @@ def write_run_report(run_dir: str | Path, summary: dict) -> Path:
     sections.append(("Cost per task subset", _subset_table(rows)))
     points = [{"label": f"{summary['schedule']} ({summary['criterion']})", "macs": r["macs"], "metrics": r["metrics"]}
               for r in summary["trajectory"]]
+    dense = next((r for r in rows if r["name"] == "dense"), None)
     if points:
-        plot_metric_vs_macs(points, primary, plots / "metric_vs_macs.png")
+        plot_metric_vs_macs(points, primary, plots / "metric_vs_macs.png",
+                            reference=dense["metrics"] if dense else None)
         sections.append(("Metric against MACs along the schedule", "![metric vs MACs](plots/metric_vs_macs.png)"))
     plot_widths(summary["widths_before"], summary["widths_after"], plots / "widths.png")
     sections.append(("Per-layer widths", "![widths](plots/widths.png)"))
+    steps = [r for r in summary["trajectory"] if r.get("widths")]
+    if len(steps) > 1:
+        plot_width_trajectory([r["widths"] for r in steps], [f"step {r['step']}" for r in steps],
+                              plots / "width_trajectory.png")
+        sections.append(("Per-layer widths along the schedule", "![width trajectory](plots/width_trajectory.png)"))
     if summary.get("pagcp"):  # PAGCP (Ye et al. 2023): per-round layer ratios and per-task loss ratios
         from ..pruning.pagcp import pagcp_markdown
 

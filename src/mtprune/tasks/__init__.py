@@ -2,7 +2,7 @@
 
 from .base import Meter, Task, match_size
 from .classification import ClassificationTask, MultiLabelTask
-from .delta_m import delta_m
+from .delta_m import delta_m, task_deltas
 from .depth import DepthTask
 from .edge import EdgeTask
 from .normal import NormalTask
@@ -11,5 +11,5 @@ from .segmentation import SegmentationTask
 
 __all__ = [
     "PRESETS", "ClassificationTask", "DepthTask", "EdgeTask", "Meter", "MultiLabelTask", "NormalTask",
-    "SegmentationTask", "Task", "delta_m", "match_size", "preset",
+    "SegmentationTask", "Task", "delta_m", "match_size", "task_deltas", "preset",
 ]

@@ -13,9 +13,9 @@ from .base import Task
 Scores = Mapping[str, Mapping[str, float]]
 
 
-def delta_m(scores: Scores, reference: Scores, tasks: Mapping[str, Task]) -> float:
-    """Δm of ``scores`` against an explicit ``reference``, over each task's declared metrics."""
-    per_task = []
+def task_deltas(scores: Scores, reference: Scores, tasks: Mapping[str, Task]) -> dict[str, float]:
+    """Each task's term of Δm, in percent: its mean signed relative change over its declared metrics."""
+    out = {}
     for name, task in tasks.items():
         if name not in scores or name not in reference:
             raise MTPruneInputError(f"Δm: task {name!r} is missing from the scores or the reference")
@@ -26,5 +26,11 @@ def delta_m(scores: Scores, reference: Scores, tasks: Mapping[str, Task]) -> flo
                 raise MTPruneInputError(f"Δm: reference {name}/{metric} is 0, the relative change is undefined")
             sign = 1.0 if higher else -1.0
             terms.append(sign * (scores[name][metric] - base) / abs(base))
-        per_task.append(sum(terms) / len(terms))
-    return 100.0 * sum(per_task) / len(per_task)
+        out[name] = 100.0 * sum(terms) / len(terms)
+    return out
+
+
+def delta_m(scores: Scores, reference: Scores, tasks: Mapping[str, Task]) -> float:
+    """Δm of ``scores`` against an explicit ``reference``, over each task's declared metrics."""
+    per_task = task_deltas(scores, reference, tasks)
+    return sum(per_task.values()) / len(per_task)

@@ -1,0 +1,336 @@
+"""Suite ``criteria``: every structured-pruning criterion side by side, and the baseline a user would pick instead.
+
+On ``synthetic_scenes`` (seg, depth, normal) a CPU-sized Deeplab-ResNet-18 with ASPP heads is trained once per seed.
+Every method then prunes a copy of it one-shot to the same MACs target and fine-tunes it for the same epochs:
+
+- our criteria with global ranking: random, l1, taylor (Molchanov et al. 2019), cosprune (Garg et al. 2023),
+  task_taylor and disparse_structured (Sun et al. 2022, structured);
+- taylor with PAGCP's loss-constrained allocation (Ye et al. 2023): does it protect the weakest task?
+- Torch-Pruning's own ``MetaPruner`` + ``GroupMagnitudeImportance`` (uniform ratio, its default), its ratio
+  found by bisection so that it keeps the same MACs.
+
+Per-task metrics and Δm are taken against the dense model of the same seed, before and after fine-tuning. The
+fine-tuned weights are those of the last epoch (no selection on the validation split). Each (method, target,
+seed) is one resumable entry (``--resume``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import recipe
+from ..config import RunConfig, parse_config
+from ..engine.evaluate import evaluate
+from ..engine.trainer import Trainer
+from ..io import load as load_model
+from ..io import save as save_model
+from ..pruning.graph import PruningGraph, torch_pruning_magnitude
+from ..pruning.prune import as_losses, count, prune
+from ..report.plots import _save, plot_widths, plt
+from ..tasks import delta_m, task_deltas
+from ..utils.atomic import atomic_write_json, atomic_write_text
+from .common import Entries, machine, results_dir
+
+TP_BASELINE = "Torch-Pruning magnitude"
+METHODS: dict[str, dict] = {  # name -> how it prunes (our `prune` keywords, or the Torch-Pruning baseline)
+    "random": {"criterion": "random"},
+    "l1": {"criterion": "l1"},
+    "taylor": {"criterion": "taylor"},
+    "cosprune": {"criterion": "cosprune"},
+    "task_taylor": {"criterion": "task_taylor"},
+    "disparse_structured": {"criterion": "disparse_structured"},
+    "taylor + PAGCP": {"criterion": "taylor", "allocator": "pagcp"},
+    TP_BASELINE: {},
+}
+MULTI_TASK = ("taylor", "cosprune", "task_taylor", "disparse_structured", "taylor + PAGCP")
+
+SCALES = {  # name: (config overrides, targets, seeds at the noise target, fine-tuning epochs)
+    "cpu": ({}, (0.5, 0.25, 0.1), (0, 1, 2), 10),
+    "small": ({"data": {"name": "synthetic_scenes", "kwargs": {"n_train": 24, "n_val": 8, "height": 32, "width": 40}},
+               "model": {"width": 0.125, "head_kwargs": {"hidden": 32}},
+               "train": {"epochs": 1, "batch_size": 8, "lr": 0.002}}, (0.5,), (0,), 1),
+    "gpu": ({"model": {"name": "deeplab_resnet34", "width": 1.0, "head": "aspp_v2", "head_kwargs": {"hidden": 256}},
+             "data": {"name": "synthetic_scenes", "kwargs": {"height": 128, "width": 160, "n_train": 2048}},
+             "device": "auto"}, (0.5, 0.25, 0.1), (0, 1, 2), 20),
+}
+NOISE_TARGET = 0.25  # the target run with every seed
+BASE = {
+    "name": "criteria_bench", "device": "cpu",
+    "data": {"name": "synthetic_scenes"},
+    "tasks": {"preset": "synthetic_scenes", "names": ["seg", "depth", "normal"]},
+    "model": {"name": "deeplab_resnet18", "width": 0.25, "head": "aspp_v2", "head_kwargs": {"hidden": 128}},
+    "train": {"epochs": 30, "batch_size": 16, "lr": 0.002, "scheduler": "cosine"},
+}
+
+
+def _config(scale: str, seed: int) -> RunConfig:
+    raw = copy.deepcopy(BASE)
+    for key, value in SCALES[scale][0].items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return parse_config({**raw, "seed": seed}, f"criteria bench ({scale})")
+
+
+class _Setup:
+    """Tasks, data and the dense model of one seed (trained once, in ``runs/dense_s<seed>``)."""
+
+    def __init__(self, cfg: RunConfig, runs: Path) -> None:
+        self.cfg = cfg
+        self.tasks = recipe.build_tasks(cfg)
+        self.train_set, self.val_set = recipe.build_datasets(cfg, self.tasks)
+        self.x = self.val_set[0][0].unsqueeze(0)
+        self.dense_dir = runs / f"dense_s{cfg.seed}"
+        self.dense_path = self.dense_dir / "dense.mtp"
+
+    def fresh(self) -> nn.Module:
+        return recipe.build_configured_model(self.cfg, self.tasks)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return evaluate(model, self.val_set, self.tasks, device=self.cfg.device,
+                        batch_size=self.cfg.train.eval_batch_size)
+
+    def dense(self, resume: bool) -> dict:
+        model = self.fresh()
+        opts = recipe.train_options(self.cfg, quiet=True, resume=resume and (self.dense_dir / "checkpoints").is_dir())
+        Trainer(model, self.tasks, self.train_set, self.val_set, self.dense_dir, opts).fit()
+        save_model(model, self.dense_path, example_inputs=self.x)  # the last epoch: no selection on val
+        params, macs = count(model, self.x)
+        return {"metrics": self.evaluate(model), "params": params, "macs": macs}
+
+    def stats_data(self):
+        from torch.utils.data import DataLoader
+
+        from ..engine.batch import collate
+
+        return DataLoader(self.train_set, batch_size=8, shuffle=True, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+
+def _tp_to_macs(model: nn.Module, x: torch.Tensor, target: float) -> float:
+    """Prune ``model`` with the Torch-Pruning baseline at the channel ratio that keeps ``target`` of its MACs."""
+    _, macs0 = count(model, x)
+    lo, hi = 0.0, 0.95
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        torch_pruning_magnitude(trial, x, mid)
+        lo, hi = (mid, hi) if count(trial, x)[1] / macs0 > target else (lo, mid)
+    torch_pruning_magnitude(model, x, hi)
+    return hi
+
+
+def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_dir: Path, resume: bool) -> dict:
+    cfg, tasks, x = setup.cfg, setup.tasks, setup.x
+    model = load_model(setup.dense_path, base=setup.fresh())
+    dense_metrics = setup.evaluate(model)
+    params0, macs0 = count(model, x)
+    spec = METHODS[method]
+    if method == TP_BASELINE:
+        extra = {"channel_ratio": _tp_to_macs(model, x, target)}
+    else:
+        report = prune(model, x, spec["criterion"], target_macs=target, data=setup.stats_data(),
+                       losses=as_losses(tasks), batches=8, allocator=spec.get("allocator", "global"),
+                       min_channels=2, seed=cfg.seed)
+        extra = {"prune_seconds": report.seconds}
+        if "pagcp" in report.extra:
+            extra["pagcp_rounds"] = len(report.extra["pagcp"].get("rounds", []))
+    pruned_metrics = setup.evaluate(model)
+    params1, macs1 = count(model, x)
+    ft = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": ft_epochs, "lr": cfg.train.lr / 4})})
+    opts = recipe.train_options(ft, quiet=True, resume=resume and (run_dir / "checkpoints").is_dir())
+    Trainer(model, tasks, setup.train_set, setup.val_set, run_dir, opts).fit()
+    metrics = setup.evaluate(model)
+    return {
+        "method": method, "target_macs": target, "seed": cfg.seed,
+        "macs_kept": macs1 / macs0, "params_kept": params1 / params0,
+        "metrics": metrics, "delta_m": delta_m(metrics, dense_metrics, tasks),
+        "task_delta": task_deltas(metrics, dense_metrics, tasks),
+        "delta_m_before_finetune": delta_m(pruned_metrics, dense_metrics, tasks),
+        "widths": PruningGraph(model, x).widths(), **extra,
+    }
+
+
+def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = False,
+        methods: list[str] | None = None, **_) -> dict:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    folder = results_dir("criteria", out)
+    runs = folder / "runs"
+    entries = Entries(folder, resume=resume)
+    _, targets, seeds, ft_epochs = SCALES[scale]
+    methods = methods or list(METHODS)
+    rows, dense = [], {}
+    for seed in seeds:
+        setup = _Setup(_config(scale, seed), runs)
+        dense[seed] = entries.get(f"dense_s{seed}", lambda s=setup: s.dense(resume))
+        if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
+            dense[seed] = setup.dense(resume)
+        for target in targets if seed == seeds[0] else [t for t in targets if t == NOISE_TARGET]:
+            for method in methods:
+                key = f"{method}_{target}_s{seed}"
+                run_dir = runs / key.replace(" ", "_").replace("+", "")
+                rows.append(entries.get(key, lambda m=method, t=target, d=run_dir, s=setup:
+                                        _run_method(s, m, t, ft_epochs, d, resume)))
+    result = {"suite": "criteria", "scale": scale, "machine": machine(), "config": _config(scale, 0).model_dump(),
+              "finetune_epochs": ft_epochs, "dense": {str(k): v for k, v in dense.items()}, "rows": rows,
+              "summary": summarise(rows)}
+    atomic_write_json(folder / "results.json", result)
+    plot_delta_m(result["summary"], folder / "delta_m_vs_macs.png")
+    plot_task_deltas(result["summary"], NOISE_TARGET, folder / "per_task_at_0.25.png")
+    best = best_method(result["summary"], NOISE_TARGET)
+    row = next((r for r in rows if r["method"] == best and r["target_macs"] == NOISE_TARGET and r["seed"] == seeds[0]),
+               None)
+    if row is not None:
+        dense_widths = _dense_widths(setup)
+        plot_widths(dense_widths, row["widths"], folder / "widths_best_at_0.25.png")
+    atomic_write_text(folder / "results.md", markdown(result))
+    return result
+
+
+def _dense_widths(setup: _Setup) -> dict[str, int]:
+    return PruningGraph(setup.fresh(), setup.x).widths()
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """method → target → mean/std of Δm (before and after fine-tuning), MACs kept, per-task terms, over seeds."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"], {}).setdefault(str(r["target_macs"]), {"rows": []})["rows"].append(r)
+    for per_target in out.values():
+        for cell in per_target.values():
+            rs = cell.pop("rows")
+            cell["seeds"] = len(rs)
+            cell["delta_m"] = _mean_std([r["delta_m"] for r in rs])
+            cell["delta_m_before_finetune"] = _mean_std([r["delta_m_before_finetune"] for r in rs])
+            cell["macs_kept"] = statistics.fmean(r["macs_kept"] for r in rs)
+            cell["params_kept"] = statistics.fmean(r["params_kept"] for r in rs)
+            cell["task_delta"] = {t: _mean_std([r["task_delta"][t] for r in rs]) for t in rs[0]["task_delta"]}
+            cell["worst_task"] = _mean_std([min(r["task_delta"].values()) for r in rs])
+    return out
+
+
+def best_method(summary: dict, target: float, among: tuple[str, ...] = MULTI_TASK) -> str | None:
+    key = str(target)
+    cands = [(cells[key]["delta_m"][0], m) for m, cells in summary.items() if m in among and key in cells]
+    return max(cands)[1] if cands else None
+
+
+def plot_delta_m(summary: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for method, cells in summary.items():
+        pts = sorted(cells.values(), key=lambda c: c["macs_kept"])
+        style = {"ls": "--", "color": "black"} if method == TP_BASELINE else {}
+        ax.errorbar([c["macs_kept"] for c in pts], [c["delta_m"][0] for c in pts], yerr=[c["delta_m"][1] for c in pts],
+                    marker="o", capsize=3, label=method, **style)
+    ax.axhline(0, color="grey", lw=1, label="dense (Δm = 0)")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs kept (fraction of dense, log scale)")
+    ax.set_ylabel("Δm against dense after fine-tuning (%)")
+    ax.set_title("Criteria at equal MACs (error bars: std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_task_deltas(summary: dict, target: float, path: Path) -> Path | None:
+    cells = {m: c[str(target)] for m, c in summary.items() if str(target) in c}
+    if not cells:
+        return None
+    tasks = list(next(iter(cells.values()))["task_delta"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(cells)
+    for i, (method, cell) in enumerate(cells.items()):
+        xs = [t + i * width for t in range(len(tasks))]
+        ax.bar(xs, [cell["task_delta"][t][0] for t in tasks], width, yerr=[cell["task_delta"][t][1] for t in tasks],
+               label=method, capsize=2)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))])
+    ax.set_xticklabels(tasks)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_ylabel("task's change against dense (%)")
+    ax.set_title(f"Per-task change at MACs kept {target}")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def _cell(c: dict | None, key: str = "delta_m") -> str:
+    if c is None:
+        return "–"
+    mean, std = c[key]
+    return f"{mean:+.2f} ± {std:.2f}" if c["seeds"] > 1 else f"{mean:+.2f}"
+
+
+def markdown(r: dict) -> str:
+    m, summary = r["machine"], r["summary"]
+    targets = sorted({t for cells in summary.values() for t in cells}, key=float, reverse=True)
+    tasks = list(r["rows"][0]["task_delta"])
+    dense0 = r["dense"][min(r["dense"], key=int)]
+    lines = [
+        "# Pruning criteria side by side", "",
+        f"Command: `mtprune bench criteria --scale {r['scale']}`; {m['threads']} threads, {m['cores']} cores, "
+        f"{m['device']}, torch {m['torch']}, {m['date']}. One-shot pruning to each MACs target, then "
+        f"{r['finetune_epochs']} fine-tuning epochs for every method (last epoch, no selection on validation).", "",
+        f"Dense (seed {min(r['dense'], key=int)}): {dense0['params'] / 1e6:.2f} M params, "
+        f"{dense0['macs'] / 1e6:.1f} M MACs; "
+        + "; ".join(f"{t}: " + ", ".join(f"{k} {v:.3f}" for k, v in dense0["metrics"][t].items()) for t in tasks),
+        "", "## Δm against dense after fine-tuning (%, mean ± std over seeds)", "",
+        "| method | " + " | ".join(f"MACs {t}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for method, cells in summary.items():
+        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t)) for t in targets) + " |")
+    lines += ["", "## Before fine-tuning (Δm %, the criterion's choice alone)", "",
+              "| method | " + " | ".join(f"MACs {t}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for method, cells in summary.items():
+        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t), "delta_m_before_finetune") for t in targets)
+                     + " |")
+    t0 = str(NOISE_TARGET)
+    lines += ["", f"## Per task at MACs {t0} (each task's term of Δm, %)", "",
+              "| method | MACs kept | " + " | ".join(tasks) + " | weakest task | Δm |", "|---" * (len(tasks) + 4) + "|"]
+    for method, cells in summary.items():
+        c = cells.get(t0)
+        if c:
+            lines.append(f"| {method} | {c['macs_kept']:.3f} | "
+                         + " | ".join(f"{c['task_delta'][t][0]:+.2f} ± {c['task_delta'][t][1]:.2f}" for t in tasks)
+                         + f" | {_cell(c, 'worst_task')} | {_cell(c)} |")
+    lines += ["", "![Δm against MACs](delta_m_vs_macs.png)", "", f"![per task](per_task_at_{t0}.png)", "",
+              f"![widths of the best multi-task criterion at {t0}](widths_best_at_{t0}.png)", "",
+              "## Findings", "", *findings(r), ""]
+    return "\n".join(lines)
+
+
+def findings(r: dict) -> list[str]:
+    """One sentence per question of the benchmark issue, computed from the numbers."""
+    s, out = r["summary"], []
+    for target, bound in (("0.5", -1.0), ("0.25", -3.0)):
+        best = best_method(s, float(target))
+        if best:
+            dm = s[best][target]["delta_m"][0]
+            verdict = "meets" if dm >= bound else "misses"
+            out.append(f"- At MACs {target}, the best multi-task criterion ({best}) has Δm {dm:+.2f} %: it {verdict} "
+                       f"the aim of losing at most {-bound:.0f} %.")
+    for target in ("0.25", "0.1"):
+        best = best_method(s, float(target))
+        tp = s.get(TP_BASELINE, {}).get(target)
+        if best and tp:
+            b = s[best][target]
+            gap = b["delta_m"][0] - tp["delta_m"][0]
+            noise = max(b["delta_m"][1], tp["delta_m"][1])
+            told = "more than" if gap > noise and b["seeds"] > 1 else "not clearly more than"
+            noise_txt = f"the seed noise ({noise:.2f})" if b["seeds"] > 1 else "a single seed's noise (1 seed)"
+            out.append(f"- At MACs {target}, {best} beats Torch-Pruning's magnitude baseline by {gap:+.2f} points "
+                       f"of Δm, {told} {noise_txt}.")
+    g, p = s.get("taylor", {}).get("0.25"), s.get("taylor + PAGCP", {}).get("0.25")
+    if g and p:
+        out.append(f"- PAGCP against global ranking (taylor, MACs 0.25): weakest task {p['worst_task'][0]:+.2f} % "
+                   f"against {g['worst_task'][0]:+.2f} %, Δm {p['delta_m'][0]:+.2f} against {g['delta_m'][0]:+.2f}: "
+                   + ("PAGCP protects the weakest task here." if p["worst_task"][0] > g["worst_task"][0]
+                      else "PAGCP does not protect the weakest task here."))
+    return out

@@ -1,0 +1,109 @@
+"""The criteria benchmark's parts: the Torch-Pruning baseline, the summary and its findings, resumable entries;
+and the ``quick`` suite end to end (the CI smoke test of the benchmark harness)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import zoo_model
+from mtprune.bench import criteria, run_suite
+from mtprune.bench.common import Entries
+from mtprune.pruning.graph import PruningGraph, torch_pruning_magnitude
+from mtprune.pruning.prune import count
+
+
+def test_torch_pruning_baseline_prunes_uniformly_and_keeps_predictors():
+    model, x = zoo_model(), torch.rand(1, 3, 32, 40)
+    graph = PruningGraph(model, x)
+    before = graph.widths()
+    heads = {n: m.out_channels for n, m in model.named_modules() if n in graph.protected}
+    model.train()
+    torch_pruning_magnitude(model, x, 0.5)
+    assert model.training  # Torch-Pruning traces in eval mode; the adapter restores train mode
+    after = PruningGraph(model, x).widths()
+    assert after.keys() == before.keys()
+    shrunk = [after[k] / before[k] for k in before if before[k] >= 8]
+    assert shrunk and all(0.4 <= r <= 0.6 for r in shrunk)  # one ratio for every layer
+    modules = dict(model.named_modules())
+    assert {n: modules[n].out_channels for n in heads} == heads  # predictors keep their outputs
+    out = model(x)
+    assert out["seg"].shape[1] == 5 and out["normal"].shape[1] == 3
+
+
+def test_torch_pruning_baseline_reaches_a_macs_target():
+    model, x = zoo_model(), torch.rand(1, 3, 32, 40)
+    _, macs0 = count(model, x)
+    ratio = criteria._tp_to_macs(model, x, 0.5)
+    assert 0 < ratio < 0.95
+    assert abs(count(model, x)[1] / macs0 - 0.5) < 0.05
+
+
+def test_bad_ratio_is_refused():
+    from mtprune.utils.errors import MTPruneInputError
+
+    with pytest.raises(MTPruneInputError, match="pruning_ratio"):
+        torch_pruning_magnitude(zoo_model(), torch.rand(1, 3, 32, 40), 1.0)
+
+
+def _row(method, target, seed, dm, tasks):
+    return {"method": method, "target_macs": target, "seed": seed, "delta_m": dm, "delta_m_before_finetune": dm - 5,
+            "macs_kept": target, "params_kept": target, "task_delta": tasks}
+
+
+def test_summary_statistics_best_method_and_findings():
+    rows = [_row("taylor", 0.25, s, dm, {"a": dm - 1, "b": dm + 1}) for s, dm in enumerate([-1.0, -2.0, -3.0])]
+    rows += [_row(criteria.TP_BASELINE, 0.25, s, dm, {"a": dm, "b": dm}) for s, dm in enumerate([-6.0, -7.0, -8.0])]
+    rows += [_row("taylor", 0.5, 0, -0.5, {"a": -0.5, "b": -0.5}), _row("l1", 0.25, 0, 5.0, {"a": 5.0, "b": 5.0})]
+    s = criteria.summarise(rows)
+    cell = s["taylor"]["0.25"]
+    assert cell["seeds"] == 3
+    assert cell["delta_m"] == pytest.approx((-2.0, 1.0))  # mean, sample std
+    assert cell["worst_task"] == pytest.approx((-3.0, 1.0))
+    # l1 is not a multi-task criterion: it cannot be "the best multi-task criterion"
+    assert criteria.best_method(s, 0.25) == "taylor"
+    text = "\n".join(criteria.findings({"summary": s}))
+    assert "At MACs 0.5, the best multi-task criterion (taylor) has Δm -0.50 %: it meets" in text
+    assert "At MACs 0.25, the best multi-task criterion (taylor) has Δm -2.00 %: it meets" in text
+    assert "beats Torch-Pruning's magnitude baseline by +5.00 points of Δm, more than the seed noise (1.00)" in text
+
+
+def test_entries_resume_only_when_asked(tmp_path):
+    calls = []
+
+    def work():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert Entries(tmp_path, resume=True).get("a b", work) == {"n": 1}
+    assert Entries(tmp_path, resume=True).get("a b", work) == {"n": 1}  # stored: not rerun
+    assert Entries(tmp_path, resume=False).get("a b", work) == {"n": 2}  # without --resume: rerun
+    assert len(calls) == 2
+    assert json.loads(Entries(tmp_path, resume=True).path("a b").read_text()) == {"n": 2}
+
+
+def test_unknown_suite_is_an_input_error():
+    from mtprune.utils.errors import MTPruneInputError
+
+    with pytest.raises(MTPruneInputError, match="unknown benchmark suite 'nope'"):
+        run_suite("nope")
+
+
+@pytest.mark.quick_bench
+def test_quick_suite_runs_every_stage(tmp_path):
+    result = run_suite("quick", out=tmp_path, threads=1)
+    summary = result["criteria"]
+    assert set(summary) == {"l1", "taylor", criteria.TP_BASELINE}
+    for method, cells in summary.items():
+        assert abs(cells["0.5"]["macs_kept"] - 0.5) < 0.05, method
+        assert all(abs(v[0]) < 1e6 for v in cells["0.5"]["task_delta"].values())
+    for name in ("results.json", "criteria/results.md", "criteria/delta_m_vs_macs.png", "speed"):
+        assert (tmp_path / name).exists(), name
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["seconds"]["criteria"] > 0
+    # resuming reuses every finished entry: the summary is identical and nothing retrains
+    again = run_suite("quick", out=tmp_path, threads=1, resume=True)
+    assert again["criteria"] == summary
+    assert again["seconds"]["criteria"] < result["seconds"]["criteria"]
