@@ -51,6 +51,14 @@ def test_sparsify_static_end_to_end(config, tmp_path) -> None:
     assert "storage, not time" in report and "Task agreement" in report
     assert (out / "plots" / "task_agreement.png").is_file()
     assert summary["latency"]["masked_ms"] > 0 and sp["storage"]["bitmask_bytes"] < sp["storage"]["dense_bytes"]
+    (out / "report.md").unlink()  # `mtprune report` rewrites a sparsify run's report too
+    assert run("report", out) == 0 and "Task agreement" in (out / "report.md").read_text()
+
+
+def test_report_of_a_foreign_summary_exits_2(tmp_path, capsys) -> None:
+    (tmp_path / "summary.json").write_text(json.dumps({"name": "x"}))
+    assert run("report", tmp_path) == 2
+    assert "not from a prune or sparsify run" in capsys.readouterr().err
 
 
 def test_sparsify_dynamic_runs_past_t_end(config, tmp_path) -> None:

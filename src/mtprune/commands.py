@@ -176,8 +176,9 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.sparsify is None:
         raise MTPruneInputError(f"{args.config}: no 'sparsify' section")
-    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite)
-    summary = run_sparsify(cfg, run_dir, quiet=args.quiet)
+    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
+                                     resume=args.resume)
+    summary = run_sparsify(cfg, run_dir, quiet=args.quiet, resume=args.resume)
     sp = summary["sparsity"]
     print_metrics(f"{sp['method']}: sparsity {sp['sparsity']:.2%} (target {sp['target']:.2%})",
                   summary["models"][-1]["metrics"])
@@ -196,7 +197,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    path = write_run_report(run_dir, read_summary(run_dir))
+    summary = read_summary(run_dir)
+    if "trajectory" in summary:  # a prune run
+        path = write_run_report(run_dir, summary)
+    elif "sparsity" in summary:  # a sparsify run
+        from .sparsity.run import write_sparsify_report
+
+        path = write_sparsify_report(run_dir, summary)
+    else:
+        raise MTPruneInputError(f"{run_dir}/summary.json is not from a prune or sparsify run (merge runs write "
+                                "their report.md themselves)")
     print(f"report: {path}")
     return 0
 
