@@ -95,8 +95,11 @@ def test_unknown_suite_is_an_input_error():
 def test_quick_suite_runs_every_stage(tmp_path):
     result = run_suite("quick", out=tmp_path, threads=1)
     summary = result["criteria"]
-    assert set(summary) == {"l1", "taylor", criteria.TP_BASELINE}
+    assert set(summary) == {"l1", "taylor", criteria.TP_BASELINE, criteria.DENSE_FT}
+    assert summary[criteria.DENSE_FT]["1.0"]["macs_kept"] == 1.0  # the control is not pruned
     for method, cells in summary.items():
+        if method == criteria.DENSE_FT:
+            continue
         assert abs(cells["0.5"]["macs_kept"] - 0.5) < 0.05, method
         assert all(abs(v[0]) < 1e6 for v in cells["0.5"]["task_delta"].values())
     for name in ("results.json", "criteria/results.md", "criteria/delta_m_vs_macs.png", "speed"):

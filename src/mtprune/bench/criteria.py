@@ -7,7 +7,9 @@ Every method then prunes a copy of it one-shot to the same MACs target and fine-
   task_taylor and disparse_structured (Sun et al. 2022, structured);
 - taylor with PAGCP's loss-constrained allocation (Ye et al. 2023): does it protect the weakest task?
 - Torch-Pruning's own ``MetaPruner`` + ``GroupMagnitudeImportance`` (uniform ratio, its default), its ratio
-  found by bisection so that it keeps the same MACs.
+  found by bisection so that it keeps the same MACs;
+- a control: the dense model fine-tuned for the same epochs without pruning (how much of a pruned model's
+  change is only the extra training).
 
 Per-task metrics and Δm are taken against the dense model of the same seed, before and after fine-tuning. The
 fine-tuned weights are those of the last epoch (no selection on the validation split). Each (method, target,
@@ -37,6 +39,7 @@ from ..utils.atomic import atomic_write_json, atomic_write_text
 from .common import Entries, machine, results_dir
 
 TP_BASELINE = "Torch-Pruning magnitude"
+DENSE_FT = "dense, fine-tuned alike"  # control: the extra fine-tuning epochs without pruning
 METHODS: dict[str, dict] = {  # name -> how it prunes (our `prune` keywords, or the Torch-Pruning baseline)
     "random": {"criterion": "random"},
     "l1": {"criterion": "l1"},
@@ -129,7 +132,9 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     dense_metrics = setup.evaluate(model)
     params0, macs0 = count(model, x)
     spec = METHODS[method]
-    if method == TP_BASELINE:
+    if method == DENSE_FT:
+        extra = {}
+    elif method == TP_BASELINE:
         extra = {"channel_ratio": _tp_to_macs(model, x, target)}
     else:
         report = prune(model, x, spec["criterion"], target_macs=target, data=setup.stats_data(),
@@ -171,6 +176,8 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         dense[seed] = entries.get(f"dense_s{seed}", lambda s=setup: s.dense(resume))
         if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
             dense[seed] = setup.dense(resume)
+        rows.append(entries.get(f"dense_finetuned_s{seed}", lambda s=setup: _run_method(
+            s, DENSE_FT, 1.0, ft_epochs, runs / f"dense_finetuned_s{s.cfg.seed}", resume)))
         for target in targets if seed == seeds[0] else [t for t in targets if t == NOISE_TARGET]:
             for method in methods:
                 key = f"{method}_{target}_s{seed}"
@@ -229,6 +236,9 @@ def plot_delta_m(summary: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for method, cells in summary.items():
         pts = sorted(cells.values(), key=lambda c: c["macs_kept"])
+        if method == DENSE_FT:
+            ax.axhline(pts[0]["delta_m"][0], color="green", ls=":", lw=1.2, label=method)
+            continue
         style = {"ls": "--", "color": "black"} if method == TP_BASELINE else {}
         ax.errorbar([c["macs_kept"] for c in pts], [c["delta_m"][0] for c in pts], yerr=[c["delta_m"][1] for c in pts],
                     marker="o", capsize=3, label=method, **style)
@@ -271,7 +281,7 @@ def _cell(c: dict | None, key: str = "delta_m") -> str:
 
 def markdown(r: dict) -> str:
     m, summary = r["machine"], r["summary"]
-    targets = sorted({t for cells in summary.values() for t in cells}, key=float, reverse=True)
+    targets = sorted({t for m, cells in summary.items() if m != DENSE_FT for t in cells}, key=float, reverse=True)
     tasks = list(r["rows"][0]["task_delta"])
     dense0 = r["dense"][min(r["dense"], key=int)]
     lines = [
@@ -285,12 +295,18 @@ def markdown(r: dict) -> str:
         "", "## Δm against dense after fine-tuning (%, mean ± std over seeds)", "",
         "| method | " + " | ".join(f"MACs {t}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
     for method, cells in summary.items():
-        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t)) for t in targets) + " |")
+        if method != DENSE_FT:
+            lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t)) for t in targets) + " |")
+    if DENSE_FT in summary:
+        lines += ["", f"Control: the dense model fine-tuned for the same {r['finetune_epochs']} epochs without pruning "
+                  f"has Δm {_cell(summary[DENSE_FT]['1.0'])} %: the part of every row above that is only the extra "
+                  "training."]
     lines += ["", "## Before fine-tuning (Δm %, the criterion's choice alone)", "",
               "| method | " + " | ".join(f"MACs {t}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
     for method, cells in summary.items():
-        lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t), "delta_m_before_finetune") for t in targets)
-                     + " |")
+        if method != DENSE_FT:
+            lines.append(f"| {method} | " + " | ".join(_cell(cells.get(t), "delta_m_before_finetune")
+                                                       for t in targets) + " |")
     t0 = str(NOISE_TARGET)
     lines += ["", f"## Per task at MACs {t0} (each task's term of Δm, %)", "",
               "| method | MACs kept | " + " | ".join(tasks) + " | weakest task | Δm |", "|---" * (len(tasks) + 4) + "|"]
