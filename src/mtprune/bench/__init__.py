@@ -19,7 +19,6 @@ SUITES: dict[str, str] = {
     "speed": "speed",
     "pam": "merge_suites",
     "mfis": "merge_suites",
-    "pagcp": "pagcp_vs_global",
 }
 
 
