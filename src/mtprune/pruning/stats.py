@@ -11,6 +11,11 @@ for every conv/linear weight). Summed-loss statistics follow by linearity (∂Σ
 extra. Each criterion turns the batch statistics of a group into per-channel scores; the engine averages them
 over the batches of an interval and, under ``torch.distributed``, all-reduces the sums across ranks before any
 decision.
+
+Memory: gate statistics are reduced to one value per channel as each task's gradients arrive; per-task weight
+gradients are asked of autograd only when a criterion needs them and live for one batch, and each group's
+``GroupStats`` is built and scored one group at a time. Across batches only per-channel scores are kept (peak
+memory against model size: ``mtprune bench speed``).
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ def to_group(group: ChannelGroup, name: str, rows: Tensor) -> Tensor:
     return out.index_add_(0, torch.tensor(cmap.root, device=rows.device), rows.index_select(0, local))
 
 
-def group_weights(model: nn.Module, group: ChannelGroup) -> tuple[Tensor, Tensor | None]:
-    modules = dict(model.named_modules())
+def group_weights(model: nn.Module, group: ChannelGroup,
+                  modules: Mapping[str, nn.Module] | None = None) -> tuple[Tensor, Tensor | None]:
+    """A group's producer weight rows ``[C, D]`` and Σ |γ| of its normalisation layers (``modules``: the model's
+    ``named_modules()`` as a dict, when the caller has it)."""
+    modules = modules if modules is not None else dict(model.named_modules())
     weight = torch.cat([to_group(group, n, weight_rows(modules[n]).detach()) for n in group.producers], dim=1)
     gammas = [to_group(group, n, modules[n].weight.detach().abs()) for n in group.norms
               if getattr(modules[n], "weight", None) is not None]
@@ -95,6 +103,26 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
             raise MTPruneInputError(f"the loss of task {task!r} is {value.item()}: refusing to use it")
         out[task] = value
     return out
+
+
+def check_batch(images: object, targets: object, tasks: Iterable[str]) -> None:
+    """Refuse a batch the engine cannot use, naming the problem: images that are not a finite floating-point
+    tensor, targets that are not a ``{task: tensor}`` mapping holding every task, non-finite float targets."""
+    from ..engine.batch import check_images  # late: the engine package imports pruning
+
+    check_images(images)
+    if not isinstance(targets, Mapping):
+        raise MTPruneInputError(f"the targets of a batch must be a mapping {{task: tensor}}, got "
+                                f"{type(targets).__name__}")
+    missing = sorted(set(tasks) - set(targets))
+    if missing:
+        raise MTPruneInputError(f"the batch has no target for tasks {missing}; targets: {sorted(targets)}")
+    for task in tasks:
+        target = targets[task]
+        if not isinstance(target, Tensor):
+            raise MTPruneInputError(f"the target of task {task!r} must be a tensor, got {type(target).__name__}")
+        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            raise MTPruneInputError(f"the target of task {task!r} contains NaN or Inf values")
 
 
 TaskGrads = Callable[[str, list[Tensor]], None]
@@ -158,7 +186,10 @@ class StatisticsEngine:
         self.batches = 0
 
     def _gather(self, images: Tensor, targets: Mapping[str, Tensor], params: list[Tensor]):
-        """One forward and T backward passes (``per_task_gradients``); the criteria's statistics per group."""
+        """One forward and T backward passes (``per_task_gradients``). Returns the losses, each task's raw
+        statistics (``"w:<producer>"``: ∂L_t/∂W as ``[C, D]`` rows; ``"gate:<gate>"``: Σ a · ∂L_t/∂a, ``[C]``)
+        and the summed-loss gradients of ``params``. Gate gradients are reduced to ``[C]`` as each task's arrive;
+        weight gradients are kept only when a criterion asks for them."""
         modules = dict(self.model.named_modules())
         groups = self.graph.groups
         captured: dict[str, Tensor] = {}
@@ -193,48 +224,60 @@ class StatisticsEngine:
         finally:
             for h in hooks:
                 h.remove()
-        stats = []
-        for g in groups:
-            s = GroupStats(g, *group_weights(self.model, g))
-            for task in losses:
-                if TASK_WEIGHT_GRADS in self.needs:
-                    s.task_weight_grads[task] = torch.cat(
-                        [to_group(g, n, per_task[task]["w:" + n]) for n in g.producers], dim=1)
-                if TASK_GATE_TAYLOR in self.needs:
-                    s.task_gate_taylor[task] = torch.stack(
-                        [to_group(g, n, per_task[task]["gate:" + n]) for n in g.gates]).sum(0)
-            stats.append(s)
-        return stats, losses, summed
+        return losses, per_task, summed
+
+    def _group_stats(self, group: ChannelGroup, per_task: Mapping[str, Mapping[str, Tensor]],
+                     modules: Mapping[str, nn.Module]) -> GroupStats:
+        """One group's statistics, in the group's channel order, from the raw per-task statistics."""
+        s = GroupStats(group, *group_weights(self.model, group, modules))
+        for task, raw in per_task.items():
+            if TASK_WEIGHT_GRADS in self.needs:
+                s.task_weight_grads[task] = torch.cat([to_group(group, n, raw["w:" + n]) for n in group.producers],
+                                                      dim=1)
+            if TASK_GATE_TAYLOR in self.needs:
+                s.task_gate_taylor[task] = torch.stack([to_group(group, n, raw["gate:" + n])
+                                                        for n in group.gates]).sum(0)
+        return s
 
     def step(self, images: Tensor, targets: Mapping[str, Tensor],
              params: list[Tensor] | None = None) -> dict[str, float]:
         """One batch: one forward, T backward passes; accumulate every criterion's batch scores.
 
         With ``params``, the gradient of the summed loss Σ_t L_t is also written into each ``param.grad``
-        (from the same T backward passes), so a training step costs no extra pass.
+        (from the same T backward passes), so a training step costs no extra pass. Memory: the raw per-task
+        statistics live for this call only; each group's ``GroupStats`` is built, scored by every criterion and
+        dropped before the next, and across batches only the criteria's per-channel scores are summed.
         """
+        check_batch(images, targets, self.losses)
         images = images.to(self.device)
         targets = {k: v.to(self.device) for k, v in targets.items()}
         params = list(params or [])
-        stats, losses, summed = self._gather(images, targets, params)
+        losses, per_task, summed = self._gather(images, targets, params)
         for p, g in zip(params, summed, strict=True):
             p.grad = g.detach()
-        for crit in self.criteria:
-            if not crit.needs_data:  # weight-only criteria score the weights directly
-                continue
-            acc = self.sums[crit.name]
-            for s in stats:
-                value = crit.batch_score(s)
-                if value is not None:
-                    acc[s.group.index] = _add(acc.get(s.group.index), value)
+        scoring = [c for c in self.criteria if c.needs_data]  # weight-only criteria score the weights directly
+        if scoring:
+            modules = dict(self.model.named_modules())
+            for group in self.graph.groups:
+                s = self._group_stats(group, per_task, modules)
+                for crit in scoring:
+                    value = crit.batch_score(s)
+                    if value is not None:
+                        acc = self.sums[crit.name]
+                        acc[group.index] = _add(acc.get(group.index), value)
+                del s
         self.batches += 1
         return losses
 
     def run(self, data: Iterable, max_batches: int | None = None) -> None:
-        for i, (images, targets) in enumerate(data):
+        """``step`` over the ``(images, {task: target})`` batches of ``data``; a malformed batch is refused."""
+        for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            self.step(images, targets)
+            if not (isinstance(batch, list | tuple) and len(batch) == 2):
+                raise MTPruneInputError(f"batch {i} of the statistics data must be a pair (images, {{task: "
+                                        f"target}}), got {type(batch).__name__}")
+            self.step(*batch)
         if self.batches == 0:
             raise MTPruneInputError("no batches were seen: the data is empty")
 

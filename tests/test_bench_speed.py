@@ -1,0 +1,159 @@
+"""The ``speed`` suite at ``--scale small``, the statistics engine's memory behaviour and its refusal of bad batches."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+
+from helpers import nyu_batches, zoo_model
+from mtprune.bench import run_suite
+from mtprune.bench.speed import MEMORY_MODES, SCALES, SPARSITIES, can_reset_peak
+from mtprune.pruning.criteria import Criterion
+from mtprune.pruning.graph import PruningGraph
+from mtprune.pruning.stats import TASK_WEIGHT_GRADS, StatisticsEngine
+from mtprune.tasks import preset
+from mtprune.utils.errors import MTPruneInputError
+
+TARGETS = (0.5, 0.25, 0.1)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    result = run_suite("speed", scale="small", out=str(out), threads=1, resume=False)
+    return out, result
+
+
+def test_latency_has_every_model_and_target(small):
+    out, _ = small
+    result = json.loads((out / "speed_small.json").read_text())
+    rows = result["latency"]
+    assert {r["model"] for r in rows} == set(SCALES["small"].models)
+    for model in SCALES["small"].models:
+        mine = {r["target_macs"]: r for r in rows if r["model"] == model}
+        assert sorted(mine) == sorted(TARGETS)
+        for target, r in mine.items():
+            assert abs(r["macs_ratio"] - target) <= 0.05 * target
+            assert r["macs_reduction"] == pytest.approx(1 / r["macs_ratio"])
+            assert r["latency_dense_ms"] > 0 and r["latency_pruned_ms"] > 0
+            assert len(r["speedup_per_pair"]) == SCALES["small"].repeats
+
+
+def test_stored_size_shrinks_with_sparsity(small):
+    _, result = small
+    rows = result["storage"]["rows"]
+    assert [r["sparsity"] for r in rows] == list(SPARSITIES)
+    for r in rows:
+        assert r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01)
+        assert r["mtp_bytes"] > r["dense_bytes"]  # the .mtp file: dense weights plus bit-packed masks
+    for key in ("bitmask_ratio", "csr_ratio"):
+        ratios = [r[key] for r in rows]
+        assert all(a > b for a, b in zip(ratios, ratios[1:], strict=False)), (key, ratios)
+        assert ratios[-1] < 0.1  # 98 % sparse: a tenth of the dense bytes at most
+
+
+def test_stats_engine_entry(small):
+    _, result = small
+    e = result["stats_engine"]
+    assert e["tasks"] == 3 and e["engine_s_per_batch"] > 0 and e["loop_s_per_batch"] > 0
+    assert e["ratio"] == pytest.approx(e["engine_s_per_batch"] / e["loop_s_per_batch"])
+
+
+@pytest.mark.skipif(not can_reset_peak(), reason="needs Linux /proc/self/clear_refs")
+def test_peak_memory_against_model_size(small):
+    _, result = small
+    rows = result["memory"]["rows"]
+    assert [r["width"] for r in rows] == list(SCALES["small"].memory_widths)
+    assert rows[0]["params"] < rows[-1]["params"]
+    for r in rows:
+        assert set(r["peak_mb"]) == set(MEMORY_MODES) == set(r["retained_mb"])
+    big = rows[-1]
+    weights = big["weights_mb"]
+    # the meter sees memory: a summed-loss backward keeps one gradient per weight
+    assert big["retained_mb"]["backward"] > 0.5 * weights
+    # cosprune needs the 3 tasks' weight gradients at once; taylor only per-channel gate statistics
+    assert big["peak_mb"]["cosprune"] > 2.5 * weights
+    assert big["peak_mb"]["taylor"] < big["peak_mb"]["cosprune"] / 3
+    for mode in ("taylor", "cosprune"):  # across batches only per-channel scores are kept
+        assert big["retained_mb"][mode] < 0.5 * weights
+
+
+def test_figures_markdown_and_resume(small):
+    out, first = small
+    for name in ("speed_small.png", "speed_memory_small.png"):
+        assert (out / name).stat().st_size > 1000
+    md = (out / "speed_small.md").read_text()
+    assert "## Latency against MACs" in md and "## Stored size" in md and "## Peak memory" in md
+    again = run_suite("speed", scale="small", out=str(out), threads=1, resume=True)
+    # finished entries are read back, not measured again (a new timing would differ)
+    assert again["latency"] == first["latency"]
+    assert again["stats_engine"] == first["stats_engine"]
+
+
+class _Spy(Criterion):
+    """Counts how many earlier groups' gradient tensors are still alive when the next group is scored."""
+
+    name, needs = "spy", frozenset({TASK_WEIGHT_GRADS})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: list[weakref.ref] = []
+        self.alive: list[int] = []
+
+    def batch_score(self, stats):
+        self.alive.append(sum(ref() is not None for ref in self.previous))
+        self.previous += [weakref.ref(t) for t in stats.task_weight_grads.values()]
+        return stats.task_weight_grads["seg"].sum(1)
+
+
+def test_engine_keeps_one_group_of_gradient_copies_at_a_time():
+    torch.manual_seed(0)
+    model = zoo_model().eval()
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 40))
+    spy = _Spy()
+    tasks = preset("nyuv2", num_classes=5)
+    engine = StatisticsEngine(model, graph, {t: k.loss for t, k in tasks.items()}, [spy])
+    engine.run(nyu_batches(2))
+    assert len(spy.alive) == 2 * len(graph.groups)
+    assert max(spy.alive) == 0  # each group's statistics were dropped before the next group was built
+    assert engine.batches == 2 and all(v.shape == (g.channels,) for g, v in
+                                       ((graph.groups[k], v) for k, v in engine.averaged(spy).items()))
+
+
+def _bad(kind: str):
+    images, targets = nyu_batches(1)[0]
+    if kind == "images_list":
+        return [images.tolist(), targets], "images must be a tensor, got list"
+    if kind == "images_int":
+        return [images.to(torch.uint8), targets], "dtype torch.uint8"
+    if kind == "images_nan":
+        images[0, 0, 3, 4] = float("nan")
+        return [images, targets], "images contain NaN or Inf"
+    if kind == "targets_list":
+        return [images, list(targets.values())], "targets of a batch must be a mapping"
+    if kind == "missing_target":
+        return [images, {k: v for k, v in targets.items() if k != "depth"}], r"no target for tasks \['depth'\]"
+    if kind == "target_not_tensor":
+        return [images, {**targets, "normal": targets["normal"].numpy()}], "task 'normal' must be a tensor"
+    if kind == "target_nan":
+        targets["depth"][0, 0, 1, 1] = float("inf")
+        return [images, targets], "task 'depth' contains NaN or Inf"
+    if kind == "not_a_pair":
+        return images, "must be a pair"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["images_list", "images_int", "images_nan", "targets_list", "missing_target",
+                                  "target_not_tensor", "target_nan", "not_a_pair"])
+def test_bad_batch_is_refused_with_a_reason(kind):
+    model = zoo_model().eval()
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 40))
+    tasks = preset("nyuv2", num_classes=5)
+    engine = StatisticsEngine(model, graph, {t: k.loss for t, k in tasks.items()}, [_Spy()])
+    batch, message = _bad(kind)
+    with pytest.raises(MTPruneInputError, match=message):
+        engine.run([batch])
+    assert engine.batches == 0
