@@ -131,7 +131,7 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     model = load_model(setup.dense_path, base=setup.fresh())
     dense_metrics = setup.evaluate(model)
     params0, macs0 = count(model, x)
-    spec = METHODS[method]
+    spec = METHODS.get(method, {})
     if method == DENSE_FT:
         extra = {}
     elif method == TP_BASELINE:
