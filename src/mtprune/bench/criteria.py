@@ -47,7 +47,8 @@ METHODS: dict[str, dict] = {  # name -> how it prunes (our `prune` keywords, or 
     "cosprune": {"criterion": "cosprune"},
     "task_taylor": {"criterion": "task_taylor"},
     "disparse_structured": {"criterion": "disparse_structured"},
-    "taylor + PAGCP": {"criterion": "taylor", "allocator": "pagcp"},
+    # one-shot: rounds continue (without fine-tuning) until the MACs target is met, as for every other row
+    "taylor + PAGCP": {"criterion": "taylor", "allocator": "pagcp", "pagcp": {"budget": 1.25, "rounds": 40}},
     TP_BASELINE: {},
 }
 MULTI_TASK = ("taylor", "cosprune", "task_taylor", "disparse_structured", "taylor + PAGCP")
@@ -139,7 +140,7 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     else:
         report = prune(model, x, spec["criterion"], target_macs=target, data=setup.stats_data(),
                        losses=as_losses(tasks), batches=8, allocator=spec.get("allocator", "global"),
-                       min_channels=2, seed=cfg.seed)
+                       min_channels=2, seed=cfg.seed, pagcp=spec.get("pagcp"))
         extra = {"prune_seconds": report.seconds}
         if "pagcp" in report.extra:
             extra["pagcp_rounds"] = len(report.extra["pagcp"].get("rounds", []))
