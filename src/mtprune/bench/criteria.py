@@ -46,12 +46,16 @@ METHODS: dict[str, dict] = {  # name -> how it prunes (our `prune` keywords, or 
     "taylor": {"criterion": "taylor"},
     "cosprune": {"criterion": "cosprune"},
     "task_taylor": {"criterion": "task_taylor"},
+    # the same scores with each group's scores divided by their mean before the global ranking
+    "taylor, mean-normalised": {"criterion": "taylor", "normalize": "mean"},
+    "task_taylor, mean-normalised": {"criterion": "task_taylor", "normalize": "mean"},
     "disparse_structured": {"criterion": "disparse_structured"},
     # one-shot: rounds continue (without fine-tuning) until the MACs target is met, as for every other row
     "taylor + PAGCP": {"criterion": "taylor", "allocator": "pagcp", "pagcp": {"budget": 1.25, "rounds": 40}},
     TP_BASELINE: {},
 }
-MULTI_TASK = ("taylor", "cosprune", "task_taylor", "disparse_structured", "taylor + PAGCP")
+MULTI_TASK = ("taylor", "cosprune", "task_taylor", "disparse_structured", "taylor + PAGCP", "taylor, mean-normalised",
+              "task_taylor, mean-normalised")
 
 SCALES = {  # name: (config overrides, targets, seeds at the noise target, fine-tuning epochs)
     "cpu": ({}, (0.5, 0.25, 0.1), (0, 1, 2), 10),
@@ -140,7 +144,7 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     else:
         report = prune(model, x, spec["criterion"], target_macs=target, data=setup.stats_data(),
                        losses=as_losses(tasks), batches=8, allocator=spec.get("allocator", "global"),
-                       min_channels=2, seed=cfg.seed, pagcp=spec.get("pagcp"))
+                       min_channels=2, seed=cfg.seed, pagcp=spec.get("pagcp"), normalize=spec.get("normalize"))
         extra = {"prune_seconds": report.seconds}
         if "pagcp" in report.extra:
             extra["pagcp_rounds"] = len(report.extra["pagcp"].get("rounds", []))
