@@ -39,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _config_command(sub, "train", "train a multi-task model from a YAML config")
     _config_command(sub, "prune", "train (or load) a model, prune it on a schedule, fine-tune, report")
-    _config_command(sub, "sparsify", "unstructured sparsification (DiSparse and baselines), train, report",
-                    resume=False)
+    _config_command(sub, "sparsify", "unstructured sparsification (DiSparse and baselines), train, report")
 
     from .merging import command as merge_command
 

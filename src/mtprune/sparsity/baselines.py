@@ -28,7 +28,9 @@ from .masks import (
     param_name,
 )
 from .scores import require_data, summed_scores
-from .training import SparseLoop
+from .training import SparseLoop, load_progress, save_progress
+
+IMP_CHECKPOINT = "imp-round"
 
 
 def _apply(ctx: Context, scores: dict[str, Tensor], **extra) -> Outcome:
@@ -81,12 +83,16 @@ def _snapshot(model: nn.Module) -> dict[str, Tensor]:
 
 
 def imp(ctx: Context) -> Outcome:
+    """IMP rounds; with ``ctx.train.checkpoint`` each finished round is saved, and ``resume`` continues after it."""
     require_data(ctx.method, ctx.data, ctx.losses)
     rounds, steps = max(1, ctx.rounds), ctx.train.steps
     rewind_at = None if ctx.rewind is False else (0 if ctx.rewind is True else min(int(ctx.rewind), steps))
     snapshot = _snapshot(ctx.model) if rewind_at == 0 else None
-    history = []
-    for r in range(1, rounds + 1):
+    history, done = [], 0
+    saved = load_progress(ctx.train, IMP_CHECKPOINT, ctx.model, ctx.data)
+    if saved is not None:
+        done, history, snapshot = int(saved["round"]), list(saved["history"]), saved["snapshot"]
+    for r in range(done + 1, rounds + 1):
         loop = SparseLoop(ctx.model, ctx.data, ctx.losses, ctx.train)  # a fresh optimizer each round
         if r == 1 and rewind_at:
             loop.run(rewind_at)
@@ -99,6 +105,7 @@ def imp(ctx: Context) -> Outcome:
         if snapshot is not None:
             rewind_to(ctx.model, snapshot)
         history.append({"round": r, "sparsity": target, "last_losses": loop.history[-1] if loop.history else None})
+        save_progress(ctx.train, IMP_CHECKPOINT, ctx.model, ctx.data, round=r, history=history, snapshot=snapshot)
     return Outcome(get_masks(ctx.model), history=history,
                    extra={"rounds": rounds, "rewind": rewind_at, "steps_per_round": steps})
 

@@ -14,6 +14,9 @@ T_end, in every sparse layer:
 
 The number of active weights per layer never changes. After T_end the masks stay fixed and training goes on to
 the last iteration (the released DiSparse dynamic code crashes at T_end).
+
+With ``train.checkpoint`` and ``train.checkpoint_every`` (``mtprune sparsify``: one epoch), every that many
+iterations the loop (masks, optimizer, update history, RNG states) is saved; ``train.resume`` continues from there.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .masks import apply_masks, effective_weight, is_masked, maskable_layers, ma
 from .parts import BACKBONE
 from .scores import as_losses, batch_gradients, scoring_mode
 from .training import SparseLoop, SparseTrainConfig, reset_optimizer_state
+
+CHECKPOINT_KIND = "dynamic-sparse-training"
 
 
 @dataclass
@@ -177,15 +182,19 @@ def dynamic_sparse_training(model: nn.Module, parts: Mapping[str, str], sparsity
     loop = SparseLoop(model, data, losses, train)
     updater = DropRegrow(model, parts, loop.optimizer, per_task=per_task, dense=dense)
     fns = as_losses(losses)
+    saved = loop.resume(CHECKPOINT_KIND)
+    if saved is not None:
+        updater.history = list(saved["updates"])
 
     def hook(step: int, images: Tensor, targets: dict[str, Tensor]) -> None:
-        if not schedule.updates_at(step):
-            return
-        with scoring_mode(model, train=True):
-            _, grads = batch_gradients(model, images, targets, fns)
-        record = updater.update(step, schedule.fraction(step), grads)
-        if on_update is not None:
-            on_update(record, loop)
+        if schedule.updates_at(step):
+            with scoring_mode(model, train=True):
+                _, grads = batch_gradients(model, images, targets, fns)
+            record = updater.update(step, schedule.fraction(step), grads)
+            if on_update is not None:
+                on_update(record, loop)
+        if train.checkpoint_every and step % train.checkpoint_every == 0:
+            loop.save(CHECKPOINT_KIND, updates=updater.history)
 
-    loop.run(train.steps, hook)
+    loop.run(max(0, train.steps - loop.step), hook)
     return DynamicRun(updater, loop, densities)

@@ -9,11 +9,18 @@
    iterations as those epochs hold. Every method is reported at its final weights (no checkpoint selection).
 4. ``model.mtp`` (masks bit-packed), evaluation, stored sizes, latency masked vs dense (the honest speed note),
    the task-agreement ("watershed") plot, ``summary.json`` and ``report.md``.
+
+Kill and resume (``resume=True``, ``mtprune sparsify --resume``): every completed unit is checkpointed atomically
+and a resumed run continues after the last one, bit for bit as an uninterrupted run on CPU. The units: the dense
+model's epochs (``dense/checkpoints``, the Trainer's); IMP rounds and the dynamic methods' epochs
+(``sparsify/loop.pt``); the masks found (``sparsify/sparsified.pt``: the masked model, the report so far and the RNG
+states); the sparse network's epochs (``train/checkpoints``, the Trainer's, masks included).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from .. import recipe
 from ..config import RunConfig, TrainSection, dump_config
+from ..engine.checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..io import load as load_model
@@ -37,7 +45,7 @@ from .api import TRAINING_METHODS, SparsityResult, sparsify
 from .dynamic import DynamicSchedule
 from .masks import get_masks
 from .storage import SPEED_NOTE, latency
-from .training import SparseTrainConfig
+from .training import SparseTrainConfig, load_masked_state
 
 
 def needs_trained_model(method: str, rewind: bool | int) -> bool:
@@ -55,14 +63,16 @@ def _load_start(model: nn.Module, start: str) -> nn.Module:
     return model
 
 
-def _train_options(cfg: RunConfig, section: TrainSection, *, quiet: bool):
-    return recipe.train_options(cfg.model_copy(update={"train": section}), quiet=quiet)
+def _train_options(cfg: RunConfig, section: TrainSection, run_dir: Path, *, quiet: bool, resume: bool):
+    """Trainer options; resuming only where an earlier attempt left checkpoints."""
+    resume = resume and (run_dir / "checkpoints").is_dir()
+    return recipe.train_options(cfg.model_copy(update={"train": section}), quiet=quiet, resume=resume)
 
 
-def _sparse_train_config(section: TrainSection, steps: int) -> SparseTrainConfig:
+def _sparse_train_config(section: TrainSection, steps: int, **checkpointing) -> SparseTrainConfig:
     return SparseTrainConfig(steps=steps, lr=section.lr, optimizer=section.optimizer,
                              weight_decay=section.weight_decay, momentum=section.momentum,
-                             grad_clip=section.grad_clip, cosine=section.scheduler == "cosine")
+                             grad_clip=section.grad_clip, cosine=section.scheduler == "cosine", **checkpointing)
 
 
 def _safe_delta_m(metrics, reference, tasks) -> float | None:
@@ -74,8 +84,11 @@ def _safe_delta_m(metrics, reference, tasks) -> float | None:
         return None
 
 
-def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False) -> dict:
-    """Run the whole pipeline in ``run_dir``; returns the summary (also in ``summary.json``)."""
+def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False) -> dict:
+    """Run the whole pipeline in ``run_dir``; returns the summary (also in ``summary.json``).
+
+    ``resume``: continue a killed run in ``run_dir`` after its last completed unit (see the module docstring).
+    """
     s = cfg.sparsify
     if s is None:
         raise MTPruneInputError("the config has no 'sparsify' section")
@@ -83,9 +96,28 @@ def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False) -> dict:
     train_set, val_set = recipe.build_datasets(cfg, tasks)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     x = val_set[0][0].unsqueeze(0)
+    seed_everything(cfg.seed)
+    found = run_dir / "sparsify" / "sparsified.pt"
+    if resume and found.is_file():
+        model, result, rows, reference = _load_sparsified(found, recipe.build_configured_model(cfg, tasks),
+                                                          resolve_device(cfg.device))
+    else:
+        model, result, rows, reference = _find_masks(cfg, run_dir, tasks, train_set, val_set, x, quiet=quiet,
+                                                     resume=resume)
+        _save_sparsified(found, model, result, rows, reference)
+    section = s.train or cfg.train
+    if s.method not in ("disparse_dynamic", "rigl") and section.epochs > 0:
+        train_dir = run_dir / "train"
+        opts = _train_options(cfg, section, train_dir, quiet=quiet, resume=resume)
+        Trainer(model, tasks, train_set, val_set, train_dir, opts).fit()
+    return _finish(cfg, run_dir, model, result, tasks, val_set, x, rows, reference)
+
+
+def _find_masks(cfg: RunConfig, run_dir: Path, tasks, train_set, val_set, x, *, quiet: bool, resume: bool):
+    """Steps 1–2: the dense model (trained or loaded) and the masks; returns (model, result, rows, reference)."""
+    s = cfg.sparsify
     device = resolve_device(cfg.device)
     eval_bs = cfg.train.eval_batch_size
-    seed_everything(cfg.seed)
     model = recipe.build_configured_model(cfg, tasks)
     init_state = copy.deepcopy(model.state_dict())
     dense, rows, reference = None, [], None
@@ -93,7 +125,7 @@ def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False) -> dict:
         dense = _load_start(recipe.build_configured_model(cfg, tasks), s.start)
     elif needs_trained_model(s.method, s.rewind):
         dense = model
-        opts = _train_options(cfg, cfg.train, quiet=quiet)
+        opts = _train_options(cfg, cfg.train, run_dir / "dense", quiet=quiet, resume=resume)
         Trainer(dense, tasks, train_set, val_set, run_dir / "dense", opts).fit()
     if dense is not None:
         reference = evaluate(dense, val_set, tasks, device=cfg.device, batch_size=eval_bs)
@@ -115,16 +147,40 @@ def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False) -> dict:
     stats = DataLoader(train_set, batch_size=s.batch_size, shuffle=True,
                        generator=torch.Generator().manual_seed(cfg.seed))
     steps = section.epochs * len(loader)  # the dynamic methods train as many iterations as the others' epochs
-    train = _sparse_train_config(section, s.round_steps if s.method == "imp" else steps)
+    checkpointing = {"checkpoint": str(run_dir / "sparsify" / "loop.pt"), "checkpoint_every": len(loader),
+                     "resume": resume}  # units: an IMP round; an epoch of dynamic sparse training
+    train = _sparse_train_config(section, s.round_steps if s.method == "imp" else steps, **checkpointing)
     schedule = DynamicSchedule(delta_t=s.dynamic.delta_t, t_end=s.dynamic.t_end or max(1, round(0.75 * steps)),
                                alpha=s.dynamic.alpha)
     data = loader if s.method in TRAINING_METHODS else stats
     result = sparsify(model, x.to(device), s.method, s.sparsity, data=data, losses=tasks, batches=s.batches,
                       score=s.score, tolerance=s.tolerance, seed=cfg.seed, train=train, schedule=schedule,
                       rounds=s.rounds, rewind=s.rewind)
-    if s.method not in ("disparse_dynamic", "rigl") and section.epochs > 0:
-        Trainer(model, tasks, train_set, val_set, run_dir / "train", _train_options(cfg, section, quiet=quiet)).fit()
-    return _finish(cfg, run_dir, model, result, tasks, val_set, x, rows, reference)
+    return model, result, rows, reference
+
+
+def _save_sparsified(path: Path, model: nn.Module, result: SparsityResult, rows: list[dict], reference) -> None:
+    """The unit "masks found": the masked model, the report so far (JSON) and the RNG states, atomically."""
+    report = json.dumps({"result": result.to_dict(), "rows": rows, "reference": reference})
+    save_checkpoint(path, {"kind": "sparsified", "model": model.state_dict(), "report": report,
+                           "rng": capture_rng(next(model.parameters()).device)})
+
+
+def _load_sparsified(path: Path, model: nn.Module, device: torch.device):
+    """Inverse of :func:`_save_sparsified` into a fresh ``model`` (moved to ``device``); returns (model, result,
+    rows, reference)."""
+    payload = load_checkpoint(path)
+    try:
+        if payload.get("kind") != "sparsified":
+            raise ValueError(f"a {payload.get('kind')!r} checkpoint")
+        load_masked_state(model, payload["model"])
+        report = json.loads(payload["report"])
+        result = SparsityResult(masks=get_masks(model), **report["result"])
+        restore_rng(payload["rng"], device)
+    except (KeyError, RuntimeError, TypeError, ValueError, MTPruneInputError) as err:
+        raise MTPruneInputError(f"{path}: a damaged checkpoint, or one of another model; cannot resume from it "
+                                f"({type(err).__name__}: {one_line(err)})") from err
+    return model.to(device), result, report["rows"], report["reference"]
 
 
 def _finish(cfg: RunConfig, run_dir: Path, model: nn.Module, result: SparsityResult, tasks, val_set, x,

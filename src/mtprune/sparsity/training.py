@@ -5,6 +5,13 @@ evaluation and checkpoints is ``mtprune.engine.Trainer``; masks survive it too.
 After every optimizer step the pruned entries of ``weight_orig`` are set to 0 again, so the invariant holds
 under any optimizer (with Adam or SGD, with or without weight decay, they stay at 0 anyway: the mask multiplies
 their gradient).
+
+Kill and resume: with ``SparseTrainConfig.checkpoint`` set, the drivers (IMP rounds, dynamic sparse training every
+``checkpoint_every`` iterations) save each completed unit with :func:`save_progress`, and with ``resume`` continue
+from it (:func:`load_progress`). A unit's checkpoint is an ordinary training checkpoint (``engine.checkpoint``:
+atomic write, ``weights_only`` load) holding the masked model (``weight_orig`` and ``weight_mask``), the global RNG
+states and the data loader's generator. The next batch after a checkpoint starts a new pass over the data, in the
+uninterrupted run as in the resumed one, so both continue bit for bit alike.
 """
 
 from __future__ import annotations
@@ -12,14 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..engine.batch import unpack_batch
+from ..engine.checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from ..engine.optim import build_optimizer
 from ..utils.errors import MTPruneInputError
-from .masks import is_masked, maskable_layers
+from .masks import apply_masks, is_masked, maskable_layers
 from .scores import as_losses
 
 StepHook = Callable[[int, Tensor, dict[str, Tensor]], None]
@@ -36,9 +46,12 @@ class SparseTrainConfig:
     momentum: float = 0.9  # sgd only
     grad_clip: float | None = None
     cosine: bool = False  # learning rate lr · (1 + cos(π t / steps)) / 2, t = iterations done by the loop
+    checkpoint: str | Path | None = None  # a file: each completed unit is saved there (IMP: a round)
+    checkpoint_every: int = 0  # dynamic methods: iterations per unit (0: no checkpoints)
+    resume: bool = False  # continue from ``checkpoint`` when it exists
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0:
+        if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or self.checkpoint_every < 0:
             raise MTPruneInputError(f"invalid sparse training options {self}")
 
 
@@ -57,7 +70,7 @@ class SparseLoop:
     """Equal-weight multi-task training of a (masked) model, ``steps`` iterations at a time."""
 
     def __init__(self, model: nn.Module, data: Iterable, losses: Mapping, config: SparseTrainConfig) -> None:
-        self.model, self.config = model, config
+        self.model, self.config, self.data = model, config, data
         self.losses = as_losses(losses)
         self.device = next(model.parameters()).device
         self.batches = cycle(data)
@@ -88,7 +101,9 @@ class SparseLoop:
                 values = {t: fn(out[t], targets[t]) for t, fn in self.losses.items()}
                 total = torch.stack([v.reshape(()) for v in values.values()]).sum()
             if not torch.isfinite(total):
-                raise MTPruneInputError(f"the training loss is {total.item()} at step {self.step + 1}: stopped")
+                bad = [t for t, v in values.items() if not bool(torch.isfinite(v).all())]
+                raise MTPruneInputError(f"the training loss of task(s) {bad} is NaN or Inf at step {self.step + 1}; "
+                                        "stopped before the update")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             if self.config.grad_clip:
@@ -100,6 +115,25 @@ class SparseLoop:
             if hook is not None:
                 hook(self.step, images, targets)
 
+    def new_pass(self) -> None:
+        """Make the next batch start a new pass over the data (done after every checkpoint)."""
+        self.batches = cycle(self.data)
+
+    def save(self, kind: str, **state: Any) -> None:
+        """:func:`save_progress` of this loop: the model, the optimizer, the step and the losses so far, plus
+        ``state``; then a new data pass begins."""
+        save_progress(self.config, kind, self.model, self.data, self.optimizer, step=self.step,
+                      history=self.history, **state)
+        self.new_pass()
+
+    def resume(self, kind: str) -> dict[str, Any] | None:
+        """Continue from the checkpoint :meth:`save` wrote (None: there is none, or not resuming)."""
+        payload = load_progress(self.config, kind, self.model, self.data, self.optimizer)
+        if payload is not None:
+            self.step, self.history = int(payload["step"]), list(payload["history"])
+            self.new_pass()
+        return payload
+
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, entries: Tensor) -> None:
     """Zero every per-entry state tensor of ``param`` (Adam moments, SGD momentum) at ``entries`` (bool)."""
@@ -110,3 +144,54 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, entri
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == param.shape:
                 value[entries.to(value.device)] = 0
+
+
+def load_masked_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a state dict of a (possibly) masked model: its masks are applied first, then every tensor loaded."""
+    masks = {k[: -len("_mask")]: v.bool() for k, v in state.items() if k == "weight_mask" or k.endswith(".weight_mask")}
+    apply_masks(model, masks)
+    model.load_state_dict(state)
+
+
+def _data_generator(data: Iterable) -> torch.Generator | None:
+    gen = getattr(data, "generator", None)  # a DataLoader's: it shuffles and seeds each pass
+    return gen if isinstance(gen, torch.Generator) else None
+
+
+def save_progress(config: SparseTrainConfig, kind: str, model: nn.Module, data: Iterable,
+                  optimizer: torch.optim.Optimizer | None = None, **state: Any) -> None:
+    """Save a completed unit of work to ``config.checkpoint`` atomically (nothing without a path): the masked
+    model, the optimizer, the global RNG states, the data loader's generator and ``state`` (tensors and plain
+    containers)."""
+    if not config.checkpoint:
+        return
+    gen = _data_generator(data)
+    device = next(model.parameters()).device
+    save_checkpoint(config.checkpoint, {
+        "kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+        "rng": capture_rng(device), "data_rng": gen.get_state() if gen is not None else None, **state})
+
+
+def load_progress(config: SparseTrainConfig, kind: str, model: nn.Module, data: Iterable,
+                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+    """The checkpoint :func:`save_progress` wrote, when ``config.resume`` and it exists: the model (masks
+    included), the optimizer and the RNG states are restored; returns the whole payload. A foreign or damaged file
+    is an input error naming it."""
+    if not (config.resume and config.checkpoint and Path(config.checkpoint).is_file()):
+        return None
+    path = config.checkpoint
+    payload = load_checkpoint(path)
+    if payload.get("kind") != kind:
+        raise MTPruneInputError(f"{path}: a {payload.get('kind')!r} checkpoint, not {kind!r}; cannot resume from it")
+    try:
+        load_masked_state(model, payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        gen = _data_generator(data)
+        if gen is not None and payload["data_rng"] is not None:
+            gen.set_state(payload["data_rng"])
+        restore_rng(payload["rng"], next(model.parameters()).device)
+    except (KeyError, RuntimeError, TypeError, ValueError, MTPruneInputError) as err:
+        raise MTPruneInputError(f"{path}: a damaged checkpoint, or one of another model; cannot resume from it "
+                                f"({type(err).__name__}: {one_line(err)})") from err
+    return payload
