@@ -55,6 +55,7 @@ What trials cache (so that a trial is cheap):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -70,6 +71,7 @@ from torch import Tensor, nn
 from ..engine.batch import unpack_batch
 from ..engine.checkpoint import load_model_state
 from ..measure import layer_macs
+from ..utils.atomic import atomic_write_json
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import eval_mode
 from .criteria import Criterion, get_criterion
@@ -669,6 +671,11 @@ class RoundRecord:
                          for r in self.layers]
         return out
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoundRecord:
+        """The inverse of :meth:`to_dict` (the layers lose their round-local ``index``/``order_of_removal``)."""
+        return cls(**{**d, "layers": [LayerProbe(**layer) for layer in d["layers"]]})
+
 
 @dataclass
 class PAGCPReport:
@@ -689,6 +696,12 @@ class PAGCPReport:
         out["macs_ratio"] = self.macs_after / self.macs_before if self.macs_before else None
         out["params_ratio"] = self.params_after / self.params_before if self.params_before else None
         return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PAGCPReport:
+        """The inverse of :meth:`to_dict`."""
+        kw = {k: v for k, v in d.items() if k not in ("rounds", "macs_ratio", "params_ratio")}
+        return cls(**kw, rounds=[RoundRecord.from_dict(r) for r in d["rounds"]])
 
 
 # ---------------------------------------------------------------- the allocator
@@ -723,12 +736,32 @@ def _select_within_budget(probe: LossProbe, graph: PruningGraph, selected: list[
         dropped.append(worst.root)
 
 
+def _finished(record: RoundRecord, goal: float | None, tolerance: float) -> bool:
+    """No round follows ``record``: it removed nothing, or the MACs target is reached."""
+    return not record.removed or (goal is not None and record.macs_after <= goal * (1 + tolerance))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The global torch RNG (CPU) seeded with ``seed`` inside, restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion = "l1", *, data: Iterable | None,
           losses: Mapping[str, Callable], target_macs: float | None = None,
           settings: PAGCPSettings | Mapping[str, Any] | None = None, probe_data: Iterable | None = None,
           min_channels: int = 5, stats_batches: int | None = 8, seed: int = 0, protected: Iterable[str] = (),
           parts: Mapping[str, str] | None = None, graph: PruningGraph | None = None, engine: Any = None,
-          finetune: Callable[[nn.Module, int], None] | None = None) -> tuple[PAGCPReport, PruningGraph]:
+          finetune: Callable[[nn.Module, int], None] | None = None,
+          round_data: Callable[[int], Iterable] | None = None, prior: PAGCPReport | None = None,
+          on_round: Callable[[nn.Module, PAGCPReport], None] | None = None) -> tuple[PAGCPReport, PruningGraph]:
     """Prune ``model`` in place with PAGCP (Ye et al., TPAMI 2023). Returns the report and the final graph.
 
     Args:
@@ -738,6 +771,12 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         target_macs: stop once the MACs are at most this fraction of the original (within ``tolerance``);
             ``None`` runs ``settings.rounds`` rounds (or until no group can be pruned within the budget).
         finetune: called as ``finetune(model, round)`` after each round that is followed by another one.
+        round_data: ``round_data(r)`` gives round ``r``'s statistics batches instead of ``data``.
+        prior: the report of the rounds already run on ``model`` (a resumed run): continue with the next round,
+            against the original MACs and params it recorded.
+        on_round: called as ``on_round(model, report)`` after each round and the fine-tuning that follows it.
+    Each round draws from the global torch RNG seeded by ``(seed, round)`` only (restored afterwards), so a run
+    resumed at round ``k`` decides exactly as an uninterrupted one.
     Pruning replaces Parameter objects: rebuild optimizers afterwards.
     """
     start_time = time.perf_counter()
@@ -751,20 +790,36 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     losses = {t: getattr(fn, "loss", fn) for t, fn in losses.items()}
     graph = graph or PruningGraph(model, example_inputs, protected=tuple(protected), parts=parts, min_channels=1)
-    params0, macs0 = _count(model, example_inputs)
+    if prior is None:
+        params0, macs0 = _count(model, example_inputs)
+        report = PAGCPReport(crit.name, asdict(cfg), target_macs, macs0, params0, macs0, params0)
+    else:
+        report = dataclasses.replace(prior, rounds=list(prior.rounds))
+        if report.target_macs != target_macs or _plain(report.settings) != _plain(asdict(cfg)):
+            raise MTPruneInputError("pagcp: cannot resume with other settings or another target_macs")
+    macs0, seconds0 = report.macs_before, report.seconds
     goal = None if target_macs is None else target_macs * macs0
-    report = PAGCPReport(crit.name, asdict(cfg), target_macs, macs0, params0, macs0, params0)
-    probe = LossProbe(model, probe_data if probe_data is not None else data, losses, cfg.held_out_batches, cfg.cache)
-    for r in range(cfg.rounds):
-        record = _one_round(model, example_inputs, graph, crit, probe, cfg, r, data, losses, stats_batches,
-                            engine if r == 0 else None, min_channels, goal)
+    with _seeded(seed):
+        probe = LossProbe(model, probe_data if probe_data is not None else data, losses, cfg.held_out_batches,
+                          cfg.cache)
+    first = len(report.rounds)
+    if report.rounds and _finished(report.rounds[-1], goal, cfg.tolerance):
+        first = cfg.rounds  # the prior run ended
+    for r in range(first, cfg.rounds):
+        with _seeded(seed * 1_000_003 + r):
+            record = _one_round(model, example_inputs, graph, crit, probe, cfg, r,
+                                data if round_data is None else round_data(r), losses, stats_batches,
+                                engine if r == 0 else None, min_channels, goal)
         report.rounds.append(record)
         report.macs_after, report.params_after = record.macs_after, record.params_after
-        done = not record.removed or (goal is not None and record.macs_after <= goal * (1 + cfg.tolerance))
-        if done or r == cfg.rounds - 1:
-            break
-        if finetune is not None:
+        last = _finished(record, goal, cfg.tolerance) or r == cfg.rounds - 1
+        if not last and finetune is not None:
             finetune(model, r)
+        report.seconds = seconds0 + time.perf_counter() - start_time
+        if on_round is not None:
+            on_round(model, report)
+        if last:
+            break
     if goal is not None:
         report.reached = abs(report.macs_after - goal) <= cfg.tolerance * goal
         if not report.reached:
@@ -772,7 +827,7 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
                           f"{report.macs_after / macs0:.4f} of the original MACs after {len(report.rounds)} "
                           f"round(s) (budget={cfg.budget} per round, rounds={cfg.rounds}, min_channels="
                           f"{min_channels})", stacklevel=2)
-    report.seconds = time.perf_counter() - start_time
+    report.seconds = seconds0 + time.perf_counter() - start_time
     return report, graph
 
 
@@ -835,25 +890,60 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
         extra={"allocator": "pagcp", "pagcp": report.to_dict()})
 
 
+def _write_state(path: Path, records: list, report: PAGCPReport | None) -> None:
+    atomic_write_json(path, {"records": [asdict(r) for r in records],
+                             "report": None if report is None else report.to_dict()})
+
+
+def _read_state(path: Path) -> tuple[list, PAGCPReport | None] | None:
+    """``(step records, report of the completed rounds)`` from a schedule's state file; ``None`` if absent."""
+    from .schedule import StepRecord
+
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        report = None if state["report"] is None else PAGCPReport.from_dict(state["report"])
+        return [StepRecord(**r) for r in state["records"]], report
+    except (ValueError, KeyError, TypeError) as err:
+        raise MTPruneInputError(f"{path}: corrupt PAGCP state ({err})") from None
+
+
 def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str, Any], train_set: Any,
                    val_set: Any, run_dir: str | Path, *, criterion: str | Criterion = "l1",
                    target_macs: float | None = None, settings: Any = None, finetune: Any = None,
                    stats_batches: int = 8, stats_batch_size: int = 8, min_channels: int = 5,
-                   seed: int = 0) -> tuple[nn.Module, list, dict[str, Any]]:
+                   seed: int = 0, resume: bool = False,
+                   rebuild: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, list, dict[str, Any]]:
     """The pipeline's PAGCP: rounds with fine-tuning in between (``finetune``: a ``TrainConfig``), then a final
-    fine-tune. The probe set is a seeded draw of ``held_out_batches`` batches of ``val_set``; statistics come
-    from ``train_set``. Returns the model, one ``StepRecord`` per round, and the PAGCP report as a dict."""
+    fine-tune. The probe set is a seeded draw of ``held_out_batches`` batches of ``val_set``; round ``r``'s
+    statistics come from ``train_set`` shuffled by ``seed + r``. Returns the model, one ``StepRecord`` per
+    round, and the PAGCP report as a dict.
+
+    After each round (and its fine-tuning) the model is saved as ``rounds/<r>/model.mtp`` (``r`` counts from 1)
+    and the records as ``pagcp.json``; ``resume=True`` continues after the last saved round, and each
+    fine-tuning from its own checkpoint. ``rebuild`` makes the unpruned model to load into (default: zoo models
+    from the file's metadata).
+    """
     from torch.utils.data import DataLoader
 
     from ..engine.evaluate import evaluate
     from ..engine.trainer import TrainConfig, Trainer
+    from ..io import load as load_model
+    from ..io import save as save_model
     from ..utils.runtime import resolve_device
     from .schedule import StepRecord
 
     run_dir = Path(run_dir)
+    state_path = run_dir / "pagcp.json"
     finetune = finetune or TrainConfig(epochs=0)
     device = resolve_device(finetune.device)
     home = next(model.parameters()).device
+    state = _read_state(state_path) if resume else None
+    prior = state[1] if state else None
+    if prior is not None and prior.rounds:
+        saved = run_dir / "rounds" / str(len(prior.rounds)) / "model.mtp"
+        model = load_model(saved, base=rebuild() if rebuild is not None else None)
     model.to(device)
     x = example_inputs.to(device)
     loader = lambda ds, s: DataLoader(ds, batch_size=stats_batch_size, shuffle=True,  # noqa: E731
@@ -868,20 +958,30 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
     def train(step_dir: Path) -> None:
         if finetune.epochs <= 0:
             return
-        summary = Trainer(model, tasks, train_set, val_set, step_dir, dataclasses.replace(finetune, resume=False)).fit()
+        cfg = dataclasses.replace(finetune, resume=resume and (step_dir / "checkpoints").is_dir())
+        summary = Trainer(model, tasks, train_set, val_set, step_dir, cfg).fit()
         if summary.best_checkpoint:
             load_model_state(model, summary.best_checkpoint)
         model.to(device)
 
-    records = [record(0)]
+    if state:
+        records = state[0]
+    else:
+        records = [record(0)]
+        _write_state(state_path, records, None)
 
     def between(m: nn.Module, r: int) -> None:
         train(run_dir / "rounds" / str(r + 1))
         records.append(record(r + 1))
 
-    report, _ = pagcp(model, x, criterion, data=loader(train_set, seed), losses=tasks, target_macs=target_macs,
-                      settings=settings, probe_data=loader(val_set, seed + 1), min_channels=min_channels,
-                      stats_batches=stats_batches, seed=seed, finetune=between)
+    def save_round(m: nn.Module, report: PAGCPReport) -> None:
+        save_model(m, run_dir / "rounds" / str(len(report.rounds)) / "model.mtp", example_inputs=example_inputs)
+        _write_state(state_path, records, report)
+
+    report, _ = pagcp(model, x, criterion, data=None, round_data=lambda r: loader(train_set, seed + r),
+                      losses=tasks, target_macs=target_macs, settings=settings, probe_data=loader(val_set, seed + 1),
+                      min_channels=min_channels, stats_batches=stats_batches, seed=seed, finetune=between,
+                      prior=prior, on_round=save_round)
     train(run_dir / "finetune")
     records.append(record(len(report.rounds)))
     model.to(home)
