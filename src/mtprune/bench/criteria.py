@@ -19,6 +19,7 @@ seed) is one resumable entry (``--resume``).
 from __future__ import annotations
 
 import copy
+import shutil
 import statistics
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def _tp_to_macs(model: nn.Module, x: torch.Tensor, target: float) -> float:
     return hi
 
 
-def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_dir: Path, resume: bool) -> dict:
+def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_dir: Path) -> dict:
     cfg, tasks, x = setup.cfg, setup.tasks, setup.x
     model = load_model(setup.dense_path, base=setup.fresh())
     dense_metrics = setup.evaluate(model)
@@ -151,8 +152,8 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     pruned_metrics = setup.evaluate(model)
     params1, macs1 = count(model, x)
     ft = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": ft_epochs, "lr": cfg.train.lr / 4})})
-    opts = recipe.train_options(ft, quiet=True, resume=resume and (run_dir / "checkpoints").is_dir())
-    Trainer(model, tasks, setup.train_set, setup.val_set, run_dir, opts).fit()
+    shutil.rmtree(run_dir, ignore_errors=True)  # the unit of resumption is the entry: a partial one starts over
+    Trainer(model, tasks, setup.train_set, setup.val_set, run_dir, recipe.train_options(ft, quiet=True)).fit()
     metrics = setup.evaluate(model)
     return {
         "method": method, "target_macs": target, "seed": cfg.seed,
@@ -182,13 +183,13 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
             dense[seed] = setup.dense(resume)
         rows.append(entries.get(f"dense_finetuned_s{seed}", lambda s=setup: _run_method(
-            s, DENSE_FT, 1.0, ft_epochs, runs / f"dense_finetuned_s{s.cfg.seed}", resume)))
+            s, DENSE_FT, 1.0, ft_epochs, runs / f"dense_finetuned_s{s.cfg.seed}")))
         for target in targets if seed == seeds[0] else [t for t in targets if t == NOISE_TARGET]:
             for method in methods:
                 key = f"{method}_{target}_s{seed}"
                 run_dir = runs / key.replace(" ", "_").replace("+", "")
                 rows.append(entries.get(key, lambda m=method, t=target, d=run_dir, s=setup:
-                                        _run_method(s, m, t, ft_epochs, d, resume)))
+                                        _run_method(s, m, t, ft_epochs, d)))
     result = {"suite": "criteria", "scale": scale, "machine": machine(), "config": _config(scale, 0).model_dump(),
               "finetune_epochs": ft_epochs, "dense": {str(k): v for k, v in dense.items()}, "rows": rows,
               "summary": summarise(rows)}
