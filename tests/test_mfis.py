@@ -299,8 +299,65 @@ def test_config_and_pipeline(tmp_path):
     for name in ("report.md", "summary.json", "mfis.mtp", "plots/pareto_pairs.png", "plots/pareto_parallel.png",
                  "plots/cost_per_subset.png", "singles/left.mtp"):
         assert (tmp_path / name).is_file(), name
+    # the saved network rebuilds from its file alone: same cost per subset, same accuracy
+    from mtprune import data as D
+    from mtprune.engine.evaluate import evaluate as evaluate_model
+    from mtprune.merging.experiment import tasks_of
+    from mtprune.merging.mfis import load_mfis
+
+    loaded = load_mfis(tmp_path / "mfis.mtp")
+    val = D.load("multidigits", split="val", tasks=["left", "right"], n_train=64, n_val=32)
+    assert profile(loaded, val[0][0][None], latency=False).macs_per_subset == {
+        r["subset"]: r["mfis_macs"] for r in summary["table"]}
+    acc = evaluate_model(loaded, val, tasks_of(val, ["left", "right"]), device=torch.device("cpu"))
+    assert {t: acc[t]["acc"] for t in ("left", "right")} == pytest.approx(summary["acc_after_finetune"])
     # the same single-task networks, loaded instead of trained, give the same search
     raw = {**raw, "train": {"epochs": 0}, "merge": {**raw["merge"], "singles": str(tmp_path / "singles")}}
     again = run_from_config(raw, tmp_path / "again", quiet=True)
     assert again["reference_acc"] == summary["reference_acc"]
     assert again["mfis"]["front"]["F"] == summary["mfis"]["front"]["F"]
+
+
+def test_saved_mfis_network_loads_without_its_base_models(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from mtprune.io import load as mtprune_load
+    from mtprune.io import save
+    from mtprune.merging.mfis import load_mfis
+
+    x = tiny_batch(32)
+    y = {"a": torch.randint(0, 2, (32,)), "b": torch.randint(0, 2, (32,))}
+    models = {t: tiny_net(i) for i, t in enumerate(("a", "b"))}
+    models["b"].insert(3, nn.BatchNorm2d(4))  # a per-channel op with parameters and buffers
+    with torch.no_grad():
+        models["b"][3].running_mean.uniform_(-0.1, 0.1)
+    models["a"].insert(3, nn.BatchNorm2d(4))
+    net, _ = mfis(models, (x, y), pop_size=8, n_gen=3, seed=1)
+    net.eval()
+    path = save(net, tmp_path / "mfis.mtp", example_inputs=x[:1], extra={"mfis": net.structure()})
+    again = load_mfis(path)
+    assert type(again) is type(net) and not again.training
+    generic = mtprune_load(path)  # mtprune.io.load knows an MFIS file by its metadata: no base needed
+    assert type(generic) is type(net)
+    assert all(torch.equal(generic(x)[t], net(x)[t]) for t in ("a", "b"))
+    assert [[g.key for g in gs] for gs in again.plan] == [[g.key for g in gs] for gs in net.plan]
+    for subset in (None, ["a"], ["b"]):
+        want, got = net(x, tasks=subset), again(x, tasks=subset)
+        assert set(got) == set(want) and all(torch.equal(got[t], want[t]) for t in want)
+    assert profile(again, x[:1], latency=False).macs_per_subset == profile(net, x[:1], latency=False).macs_per_subset
+    # the metadata is plain JSON: a module outside the allowed table is refused, not imported
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["mtprune"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    key = next(iter(meta["extra"]["mfis"]["modules"]))
+    meta["extra"]["mfis"]["modules"][key]["post"][0] = {"type": "os.system", "command": "true"}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad.mtp"), metadata={"mtprune": json.dumps(meta)})
+    with pytest.raises(MTPruneInputError, match="unsupported module 'os.system'"):
+        load_mfis(tmp_path / "bad.mtp")
+    plain = save(models["a"], tmp_path / "plain.mtp", example_inputs=x[:1])
+    with pytest.raises(MTPruneInputError, match="not an MFIS network"):
+        load_mfis(plain)

@@ -93,6 +93,10 @@ def load(path: str | Path, base: nn.Module | None = None, *, strict: bool = True
     from .sparsity.masks import apply_masks, masks_from_file, remove_masks
 
     tensors, meta = read(path)
+    if base is None and isinstance((meta.get("extra") or {}).get("mfis"), dict):  # a merged MFIS network
+        from .merging.mfis.serialize import load_mfis
+
+        return load_mfis(path)
     tensors, masks = masks_from_file(tensors, meta.get("masks"), str(path))
     if base is not None:
         model = base

@@ -1,40 +1,509 @@
-"""Suites ``pam`` and ``mfis``: merging single-task networks on ``multidigits`` (one run directory per task set)."""
+"""Suites ``pam`` and ``mfis``: merging single-task networks on ``multidigits``, LeNet-5 and VGG-16, 2 and 3 tasks.
+
+``pam`` (He et al., KDD 2021): entries ``lenet_2tasks``, ``lenet_3tasks``, ``vgg_2tasks``, ``vgg_3tasks``, each
+one ``mtprune merge`` run (:func:`~mtprune.merging.experiment.run_merge`): PAM, naive merging and no merging,
+pruned with Taylor-FO at an equal accuracy budget; accuracy per task, MACs and latency of every task subset.
+
+``mfis`` (our reconstruction of Cheng et al., Cognitive Computation 2021): for the same entries, MFIS on **the
+same single-task networks** (same seeds, same data), against no merging (unpruned, and pruned at the budget)
+and against PAM, with the NSGA-III solver's wall time. It reuses the ``pam`` suite's finished entry of the
+same settings (or runs it, storing it with the ``pam`` results).
+
+Single-task networks are trained once per (model, task, seed, data, training) into a store under the ``pam``
+results (``runs/singles``, git-ignored) by :func:`~mtprune.merging.singles.prepare_singles` and copied into
+each run. Weights and checkpoints are deleted from the run directories; reports, JSON and figures stay.
+Every entry is cached with :class:`~.common.Entries` and keyed by a fingerprint of its settings, so
+``--resume`` skips finished entries and never reuses one whose settings changed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from .common import results_dir
+import torch
+
+from ..config import dump_config
+from ..merging.experiment import load_merge_config, run_merge
+from ..merging.mfis.run import MFISConfig, run_from_config
+from ..merging.singles import prepare_singles
+from ..recipe import prepare_run_dir
+from ..utils.atomic import atomic_write_json, atomic_write_text
+from .common import Entries, machine, results_dir
+
+MODELS = {"lenet": "merge_pam_multidigits.yaml", "vgg": "merge_pam_multidigits_vgg.yaml"}
+TASK_SETS = {"2tasks": ["left", "right"], "3tasks": ["left", "right", "parity"]}
+SUITE_VERSION = 1
+# scale → config overrides (the cpu scale is the configs as shipped; small is a smoke test whose barely trained
+# networks would have every neuron found irrelevant, so it keeps all of them: α < 0)
+SCALE_OVERRIDES: dict[str, list[str]] = {
+    "cpu": [],
+    "small": ["data.kwargs.n_train=128", "data.kwargs.n_val=64", "train.epochs=1", "merge.batch=48",
+              "merge.alpha_conv=-1", "merge.alpha_linear=-1",
+              "merge.retrain.epochs=1", "prune.ladder=[0.5]", "prune.stats_batches=1", "prune.finetune.epochs=1",
+              "cost.latency=false"],
+}
+# MFIS search and fine-tuning per model (the LeNet values are configs/merge_mfis_multidigits.yaml's)
+MFIS_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "lenet": {"pop_size": 100, "generations": 150,
+                  "finetune": {"epochs": 10, "batch_size": 64, "lr": 0.001, "scheduler": "cosine"}},
+        "vgg": {"pop_size": 100, "generations": 150,
+                "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.0003, "scheduler": "cosine"}},
+    },
+    "small": {m: {"pop_size": 8, "generations": 2, "batch": 48, "finetune": {"epochs": 1, "batch_size": 64}}
+              for m in MODELS},
+}
+APPROACH_LABELS = {"no_merge": "no merging", "naive": "naive merging", "pam": "PAM"}
+# PAM's grouping under other KDE noise variances and thresholds α (conv, linear), on the same networks: the
+# paper's setting, α = 0 (only neurons constant on the batch are irrelevant), larger noise, larger α
+SENSITIVITY: list[tuple[float, float, float]] = [(0.1, 0.01, 0.05), (0.1, 0.0, 0.0), (1.0, 0.01, 0.05),
+                                                 (10.0, 0.01, 0.05), (1.0, 0.1, 0.3)]
 
 
-def _merge_runs(method: str, configs: dict[str, list[str]], scale: str, out) -> dict:
-    """Run a merge config once per task set; each run directory keeps its report, figure and summary."""
-    from ..recipe import prepare_run_dir
-
-    folder = results_dir(method, out)
-    summaries = {}
-    for label, overrides in configs.items():
-        if scale == "small":
-            overrides = [*overrides, "data.kwargs.n_train=600", "data.kwargs.n_val=200", "train.epochs=2"]
-        run_dir = folder / label
-        if method == "pam":
-            from ..merging.experiment import load_merge_config, run_merge
-
-            cfg = load_merge_config(Path("configs") / "merge_pam_multidigits.yaml", overrides)
-            summaries[label] = run_merge(cfg, prepare_run_dir(run_dir, overwrite=True), quiet=True)
-        else:
-            from ..merging.mfis.run import load_mfis_config, run_from_config
-
-            cfg = load_mfis_config(Path("configs") / "merge_mfis_multidigits.yaml", overrides)
-            summaries[label] = run_from_config(cfg, prepare_run_dir(run_dir, overwrite=True), quiet=True)
-    return {"suite": method, "scale": scale, "runs": list(summaries)}
+def _config_dir() -> Path:
+    repo = Path(__file__).resolve().parents[3] / "configs"
+    return repo if repo.is_dir() else Path("configs")
 
 
-def run_pam(scale: str = "cpu", out=None, **_) -> dict:
-    """PAM on multidigits with LeNet-5, 2 and 3 tasks (``configs/merge_pam_multidigits.yaml``)."""
-    return _merge_runs("pam", {"2tasks": [], "3tasks": ["tasks=[left,right,parity]"]}, scale, out)
+def _pam_config(model: str, task_set: str, scale: str, threads: int):
+    if scale not in SCALE_OVERRIDES:
+        raise ValueError(f"unknown scale {scale!r} for the merge suites; known: {', '.join(SCALE_OVERRIDES)}")
+    tasks = ",".join(TASK_SETS[task_set])
+    overrides = [f"name=pam_{model}_{task_set}", f"tasks=[{tasks}]", f"threads={threads}",
+                 f"cost.threads={threads}", *SCALE_OVERRIDES[scale]]
+    return load_merge_config(_config_dir() / MODELS[model], overrides)
 
 
-def run_mfis(scale: str = "cpu", out=None, **_) -> dict:
-    """MFIS on multidigits with LeNet-5, 3 tasks (``configs/merge_mfis_multidigits.yaml``)."""
-    return _merge_runs("mfis", {"3tasks": []}, scale, out)
+def _fingerprint(*parts: Any) -> str:
+    blob = json.dumps([SUITE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _get(entries: Entries, key: str, fingerprint: str, fn: Callable[[], dict]) -> dict:
+    """``entries.get`` that also drops a stored entry computed with other settings."""
+    path = entries.path(key)
+    if entries.resume and path.is_file():
+        try:
+            if json.loads(path.read_text()).get("fingerprint") != fingerprint:
+                path.unlink()
+        except json.JSONDecodeError:
+            pass
+    return entries.get(key, lambda: {**fn(), "fingerprint": fingerprint})
+
+
+def strip_weights(run_dir: Path) -> None:
+    """Delete model files and checkpoints from a run directory (reports, JSON and figures stay)."""
+    for pattern in ("*.mtp", "*.pt", "*.safetensors"):
+        for f in run_dir.rglob(pattern):
+            f.unlink()
+    for d in sorted(run_dir.rglob("checkpoints"), reverse=True):
+        if d.is_dir():
+            shutil.rmtree(d)
+    for d in sorted((p for p in run_dir.rglob("*") if p.is_dir()), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
+def _selection(models: Sequence[str] | None, task_sets: Sequence[str] | None) -> list[tuple[str, str]]:
+    models, task_sets = list(models or MODELS), list(task_sets or TASK_SETS)
+    unknown = [m for m in models if m not in MODELS] + [t for t in task_sets if t not in TASK_SETS]
+    if unknown:
+        raise ValueError(f"unknown merge suite entries {unknown}; models {list(MODELS)}, task sets {list(TASK_SETS)}")
+    return [(m, t) for m in models for t in task_sets]
+
+
+# ---------------------------------------------------------------------------------------------------------- pam
+
+
+def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
+    """The fingerprint and the function computing one ``pam`` entry in ``folder/<model>_<task_set>``."""
+    cfg = _pam_config(model, task_set, scale, threads)
+    fingerprint = _fingerprint(dump_config(cfg))
+
+    def fn() -> dict:
+        started = time.perf_counter()
+        run_dir = prepare_run_dir(folder / f"{model}_{task_set}", overwrite=True)
+        singles = prepare_singles(cfg, folder / "runs" / "singles", run_dir / "singles")
+        run_cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"singles": str(run_dir / "singles")})})
+        summary = run_merge(run_cfg, run_dir, quiet=True)
+        strip_weights(run_dir)
+        return {"model": model, "task_set": task_set, "tasks": cfg.tasks, "scale": scale, "singles": singles,
+                "seconds": time.perf_counter() - started, "summary": summary,
+                "settings": _pam_settings(cfg)}
+
+    return fingerprint, fn
+
+
+def _sensitivity_entry(model: str, task_set: str, scale: str, threads: int, folder: Path
+                       ) -> tuple[str, Callable[[], dict]]:
+    """PAM's partitions and the unpruned cost per subset for each ``SENSITIVITY`` setting, same networks."""
+    cfg = _pam_config(model, task_set, scale, threads)
+    fingerprint = _fingerprint(dump_config(cfg), SENSITIVITY, "accuracy at merge")
+
+    def fn() -> dict:
+        import tempfile
+
+        from ..data import load as load_data
+        from ..engine.evaluate import evaluate
+        from ..io import load
+        from ..merging.cost import merged_costs, separate_costs
+        from ..merging.experiment import tasks_of
+        from ..merging.pam import pam
+        from ..utils.errors import MTPruneInputError
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare_singles(cfg, folder / "runs" / "singles", tmp)
+            nets = {t: load(Path(tmp) / f"{t}.mtp") for t in cfg.tasks}
+        d = cfg.data
+        train_set = load_data(d.name, root=d.root, split=d.train_split, tasks=cfg.tasks, **d.kwargs)
+        val_set = load_data(d.name, root=d.root, split=d.val_split, tasks=cfg.tasks, **d.kwargs)
+        tasks = tasks_of(train_set, cfg.tasks)
+        x = train_set[0][0][None]
+        single = separate_costs(nets, x, latency=False)
+        rows = []
+        for noise_var, alpha_conv, alpha_linear in SENSITIVITY:
+            row: dict[str, Any] = {"noise_var": noise_var, "alpha_conv": alpha_conv, "alpha_linear": alpha_linear}
+            try:
+                merged, report = pam(nets, train_set, alpha_conv=alpha_conv, alpha_linear=alpha_linear,
+                                     noise_var=noise_var, batch=cfg.merge.batch, seed=cfg.seed)
+            except MTPruneInputError as err:
+                rows.append({**row, "error": str(err).split(":")[0]})
+                continue
+            cost = merged_costs(merged, x, latency=False)
+            metrics = evaluate(merged, val_set, tasks, device=torch.device("cpu"), batch_size=cfg.train.eval_batch_size)
+            rows.append({**row, "acc_at_merge": {t: float(metrics[t]["acc"]) for t in cfg.tasks},
+                         "dropped": sum(r.dropped for r in report.layers),
+                         "shared": sum(r.shared for r in report.layers),
+                         "exclusive": {t: sum(r.exclusive[t] for r in report.layers) for t in cfg.tasks},
+                         "no_merge_over_pam": {k: single[k].macs / max(c.macs, 1) for k, c in cost.items()},
+                         "seconds": report.seconds})
+        return {"model": model, "task_set": task_set, "rows": rows}
+
+    return fingerprint, fn
+
+
+def _pam_settings(cfg) -> dict:
+    return {"data": cfg.data.kwargs, "model": {"name": cfg.model.name, "width": cfg.model.width, **cfg.model.kwargs},
+            "train_epochs": cfg.train.epochs, "train_lr": cfg.train.lr, "alpha": [cfg.merge.alpha_conv,
+            cfg.merge.alpha_linear], "noise_var": cfg.merge.noise_var, "naive_split": cfg.merge.naive_split,
+            "retrain_epochs": cfg.merge.retrain.epochs, "ladder": cfg.prune.ladder,
+            "accuracy_drop": cfg.prune.accuracy_drop, "finetune_epochs": cfg.prune.finetune.epochs,
+            "latency_batch": cfg.cost.batch_size, "threads": cfg.threads}
+
+
+def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
+            models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None, **_) -> dict:
+    """PAM against naive merging and no merging, LeNet-5 and VGG-16, 2 and 3 tasks; see the module docstring."""
+    threads = threads or 1
+    torch.set_num_threads(threads)
+    folder = results_dir("pam", out)
+    entries = Entries(folder, resume=resume)
+    results = {}
+    for model, task_set in _selection(models, task_sets):
+        fingerprint, fn = _pam_entry(model, task_set, scale, threads, folder)
+        results[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}", fingerprint, fn)
+    sensitivity = {}
+    for model, task_set in _selection(models, task_sets):
+        fingerprint, fn = _sensitivity_entry(model, task_set, scale, threads, folder)
+        sensitivity[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}_sensitivity", fingerprint, fn)
+    summary = {"suite": "pam", "scale": scale, "machine": machine(),
+               "entries": {k: {**_pam_digest(v), "sensitivity": sensitivity[k]["rows"]} for k, v in results.items()}}
+    plot_pam(results, folder / "pam_cost_per_subset.png")
+    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_text(folder / "report.md", render_pam(summary))
+    return {"suite": "pam", "scale": scale, "runs": list(results),
+            "no_merge_over_pam": {k: v["no_merge_over_pam"] for k, v in summary["entries"].items()}}
+
+
+def _pam_digest(entry: Mapping[str, Any]) -> dict:
+    """What the suite report needs from one entry."""
+    s = entry["summary"]
+    b = s["budgets"]
+    acc = {"single-task": s["reference_acc"],
+           "no merging": {t: v["acc"][t] for t, v in b["no_merge"].items()},
+           "naive": b["naive"]["acc"], "PAM": b["pam"]["acc"]}
+    met = {"no_merge": all(v["budget_met"] for v in b["no_merge"].values()), "naive": b["naive"]["budget_met"],
+           "pam": b["pam"]["budget_met"]}
+    parts = s["pam"]["partitions"]
+    return {
+        "model": entry["model"], "tasks": entry["tasks"], "settings": entry["settings"], "accuracy": acc,
+        "budget_met": met, "fraction_kept": {"no_merge": {t: v["fraction"] for t, v in b["no_merge"].items()},
+                                             "naive": b["naive"]["fraction"], "pam": b["pam"]["fraction"]},
+        "dense_macs": s["dense_macs"], "table": s["table"],
+        "no_merge_over_pam": {r["subset"]: r["no_merge_over_pam"] for r in s["table"]},
+        "partitions": [{k: layer[k] for k in ("name", "dropped", "shared", "exclusive")} for layer in parts["layers"]],
+        "pam_seconds": parts["seconds"], "seconds": entry["seconds"],
+        "singles": {t: {k: v[k] for k in ("acc", "seconds", "reused")} for t, v in entry["singles"].items()},
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "not timed" if value is None else f"{value:.2f} ms"
+
+
+def _describe_model(model: Mapping[str, Any]) -> str:
+    extra = ", ".join(f"{k} {v}" for k, v in model.items() if k not in ("name", "width"))
+    return f"{model['name']}, width {model['width']}" + (f", {extra}" if extra else "")
+
+
+def render_pam(summary: Mapping[str, Any]) -> str:
+    m = summary["machine"]
+    lines = ["# pam: Pruning-Aware Merging (He et al., KDD 2021) on multidigits", "",
+             f"`mtprune bench pam --scale {summary['scale']}`; {m['date']}, {m['cpu']}, {m['threads']} thread(s), "
+             f"torch {m['torch']}, {m['device']}. Each entry is one `mtprune merge` run (its folder has `report.md`, "
+             "`summary.json`, `pam_partitions.json` and the figure). The single-task networks are trained once "
+             "and shared with the `mfis` suite. Every approach is pruned with Taylor-FO down a ladder of MAC "
+             "fractions, fine-tuning after each step, and the smallest model whose every task stays within the "
+             "accuracy budget of its single-task network is kept. MACs per sample; latency of a batch of "
+             "16 on the CPU, one thread.", "", "![cost per subset](pam_cost_per_subset.png)", ""]
+    for label, e in summary["entries"].items():
+        s = e["settings"]
+        lines += [f"## {label}: {_describe_model(s['model'])}; tasks {', '.join(e['tasks'])}", "",
+                  f"Data: {', '.join(f'{k} {v}' for k, v in s['data'].items())}; single-task training "
+                  f"{s['train_epochs']} epochs (lr {s['train_lr']}); PAM α = "
+                  f"{s['alpha'][0]}/{s['alpha'][1]}, noise variance {s['noise_var']}, retraining "
+                  f"{s['retrain_epochs']} epochs; naive merging shares {s['naive_split']} hidden layers; ladder "
+                  f"{s['ladder']}, budget {s['accuracy_drop']} points, {s['finetune_epochs']} fine-tuning epochs per "
+                  f"step. Entry wall time {e['seconds']:.0f} s; PAM's partitioning {e['pam_seconds']:.1f} s.", "",
+                  "| layer | D (dropped) | C (shared) | E (exclusive, per task) |", "|---|---|---|---|"]
+        lines += [f"| {p['name']} | {p['dropped']} | {p['shared']} | "
+                  f"{_per_task(p['exclusive'], e['tasks'])} |" for p in e["partitions"]]
+        met = e["budget_met"]
+        lines += ["", "| accuracy (%) | " + " | ".join(e["tasks"]) + " | budget met | MAC fraction kept |",
+                  "|---|" + "---|" * (len(e["tasks"]) + 2)]
+        frac = e["fraction_kept"]
+        for name, key in (("single-task", None), ("no merging", "no_merge"), ("naive", "naive"), ("PAM", "pam")):
+            acc = e["accuracy"][name]
+            kept = "1.000" if key is None else (", ".join(f"{v:.3f}" for v in frac[key].values())
+                                                if key == "no_merge" else f"{frac[key]:.3f}")
+            lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"])
+                         + f" | {'–' if key is None else met[key]} | {kept} |")
+        lines += ["", "| subset | no merging: MMACs (latency) | naive | PAM | no merging / PAM | "
+                  "naive / PAM |", "|---|---|---|---|---|---|"]
+        for r in e["table"]:
+            cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})" for a in ("no_merge", "naive", "pam")]
+            lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_over_pam']:.2f}× | "
+                         f"{r['naive_macs'] / max(r['pam_macs'], 1):.2f}× |")
+        lines += ["", *_render_sensitivity(e["sensitivity"], e["tasks"]), ""]
+    return "\n".join(lines)
+
+
+def _per_task(values: Mapping[str, Any], tasks: Sequence[str]) -> str:
+    return ", ".join(f"{t} {values[t]}" for t in tasks)
+
+
+def _render_sensitivity(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> list[str]:
+    keys = ["+".join(tasks[:1]), "+".join(tasks)]
+    out = ["PAM's grouping of the same networks under other KDE noise variances and thresholds α: neurons per "
+           "partition over all hidden layers, accuracy right after merging (before any retraining) and the MACs "
+           "of the unpruned merged network against the unpruned single-task networks:", "",
+           "| noise variance | α conv / linear | D | C | E per task | accuracy at merge | no merging / PAM, "
+           f"{keys[0]} | no merging / PAM, {keys[1]} |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['noise_var']:g} | {r['alpha_conv']:g} / {r['alpha_linear']:g} |"
+        if "error" in r:
+            out.append(f"{head} – | – | – | refused: {r['error']} | – | – |")
+            continue
+        excl = _per_task(r["exclusive"], tasks)
+        acc = ", ".join(f"{t} {r['acc_at_merge'][t]:.1f}" for t in tasks)
+        ratio = r["no_merge_over_pam"]
+        out.append(f"{head} {r['dropped']} | {r['shared']} | {excl} | {acc} | {ratio[keys[0]]:.2f}× | "
+                   f"{ratio[keys[1]]:.2f}× |")
+    return out
+
+
+def _plot(path: Path, panels: Sequence[tuple[str, list[str], dict[str, list[float]], str]], ncols: int) -> Path:
+    """Grouped bars, one panel per ``(title, x labels, {series: values}, y label)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.3 * nrows), squeeze=False)
+    for ax, (title, keys, series, ylabel) in zip(axes.flat, panels, strict=False):
+        width = 0.8 / max(len(series), 1)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(keys))], values, width, label=name)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pam(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """MMACs per task subset of no merging / naive / PAM at the budget, one panel per entry."""
+    panels = []
+    for label, entry in results.items():
+        table = entry["summary"]["table"]
+        met = _pam_digest(entry)["budget_met"]
+        series = {APPROACH_LABELS[a] + ("" if met[a] else " (over budget)"): [r[f"{a}_macs"] / 1e6 for r in table]
+                  for a in ("no_merge", "naive", "pam")}
+        panels.append((label, [r["subset"] for r in table], series, "MMACs per sample"))
+    return _plot(path, panels, ncols=2)
+
+
+# --------------------------------------------------------------------------------------------------------- mfis
+
+
+def _mfis_config(cfg, model: str, scale: str, threads: int, singles: Path):
+    settings = json.loads(json.dumps(MFIS_SETTINGS[scale][model]))
+    finetune = {**cfg.merge.retrain.model_dump(mode="json"), **settings.pop("finetune")}
+    return MFISConfig.model_validate({
+        "name": cfg.name.replace("pam_", "mfis_", 1), "seed": cfg.seed, "device": cfg.device,
+        "data": cfg.data.model_dump(mode="json"), "tasks": cfg.tasks, "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "merge": {"method": "mfis", "singles": str(singles), "finetune": finetune, **settings},
+        "cost": {**cfg.cost.model_dump(mode="json"), "threads": threads},
+    })
+
+
+def _pam_record(model: str, task_set: str, scale: str, threads: int, pam_folder: Path) -> dict:
+    """The ``pam`` suite's entry of these settings: stored, or computed now and stored for the ``pam`` suite."""
+    fingerprint, fn = _pam_entry(model, task_set, scale, threads, pam_folder)
+    return _get(Entries(pam_folder, resume=True), f"{model}_{task_set}", fingerprint, fn)
+
+
+def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
+             models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None, **_) -> dict:
+    """MFIS against no merging and PAM on the ``pam`` suite's single-task networks; see the module docstring.
+
+    With ``out``, the ``pam`` entries it compares with live in ``out/pam``; otherwise in ``benchmarks/results/pam``.
+    """
+    threads = threads or 1
+    torch.set_num_threads(threads)
+    folder = results_dir("mfis", out)
+    pam_folder = results_dir("pam", None if out is None else Path(out) / "pam")
+    entries = Entries(folder, resume=resume)
+    results = {}
+    for model, task_set in _selection(models, task_sets):
+        label = f"{model}_{task_set}"
+        pam = _pam_record(model, task_set, scale, threads, pam_folder)
+        cfg = _pam_config(model, task_set, scale, threads)
+        probe = _mfis_config(cfg, model, scale, threads, Path("singles"))
+        fingerprint = _fingerprint(dump_config(probe), pam["fingerprint"])
+
+        def fn(cfg=cfg, model=model, label=label, pam=pam) -> dict:
+            started = time.perf_counter()
+            run_dir = prepare_run_dir(folder / label, overwrite=True)
+            singles = prepare_singles(cfg, pam_folder / "runs" / "singles", run_dir / "singles")
+            mcfg = _mfis_config(cfg, model, scale, threads, run_dir / "singles")
+            summary = run_from_config(mcfg, run_dir, quiet=True)
+            torch.set_num_threads(threads)
+            strip_weights(run_dir)
+            return {"model": model, "tasks": cfg.tasks, "scale": scale, "singles": singles,
+                    "seconds": time.perf_counter() - started, "summary": summary,
+                    "settings": {**MFIS_SETTINGS[scale][model], "importance": mcfg.merge.importance,
+                                 "align": mcfg.merge.align, "select": mcfg.merge.select},
+                    "pam_fingerprint": pam["fingerprint"]}
+
+        results[label] = {"mfis": _get(entries, label, fingerprint, fn), "pam": pam}
+    summary = {"suite": "mfis", "scale": scale, "machine": machine(),
+               "entries": {k: compare(v["mfis"], v["pam"]) for k, v in results.items()}}
+    plot_mfis(summary["entries"], folder / "mfis_vs_pam.png")
+    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_text(folder / "report.md", render_mfis(summary))
+    return {"suite": "mfis", "scale": scale, "runs": list(results),
+            "no_merge_over_mfis": {k: {r["subset"]: r["no_merge_dense_over_mfis"] for r in v["table"]}
+                                   for k, v in summary["entries"].items()},
+            "solver_seconds": {k: v["solver_seconds"] for k, v in summary["entries"].items()}}
+
+
+def compare(mfis_entry: Mapping[str, Any], pam_entry: Mapping[str, Any]) -> dict:
+    """One entry of the ``mfis`` report: cost per subset and accuracy per task of no merging, PAM and MFIS."""
+    ms, ps = mfis_entry["summary"], pam_entry["summary"]
+    tasks = list(ms["tasks"])
+    drop = pam_entry["settings"]["accuracy_drop"]
+    ref = ms["reference_acc"]
+    pam_rows = {r["subset"]: r for r in ps["table"]}
+    rows = []
+    for r in ms["table"]:
+        p = pam_rows[r["subset"]]
+        row = {"subset": r["subset"], "no_merge_dense_macs": r["no_merge_macs"], "no_merge_macs": p["no_merge_macs"],
+               "pam_macs": p["pam_macs"], "mfis_macs": r["mfis_macs"],
+               "no_merge_dense_latency_ms": r["no_merge_latency_ms"], "no_merge_latency_ms": p["no_merge_latency_ms"],
+               "pam_latency_ms": p["pam_latency_ms"], "mfis_latency_ms": r["mfis_latency_ms"]}
+        row["no_merge_dense_over_mfis"] = row["no_merge_dense_macs"] / max(row["mfis_macs"], 1)
+        row["no_merge_over_mfis"] = row["no_merge_macs"] / max(row["mfis_macs"], 1)
+        row["no_merge_over_pam"] = row["no_merge_macs"] / max(row["pam_macs"], 1)
+        row["pam_over_mfis"] = row["pam_macs"] / max(row["mfis_macs"], 1)
+        rows.append(row)
+    b = ps["budgets"]
+    accuracy = {"single-task": ref, "no merging (pruned)": {t: b["no_merge"][t]["acc"][t] for t in tasks},
+                "PAM (pruned)": b["pam"]["acc"], "MFIS (merged)": ms["acc_at_merge"],
+                "MFIS (fine-tuned)": ms["acc_after_finetune"]}
+    mfis_report = ms["mfis"]
+    return {
+        "model": mfis_entry["model"], "tasks": tasks, "settings": mfis_entry["settings"], "accuracy_drop": drop,
+        "same_networks": all(abs(ref[t] - ps["reference_acc"][t]) < 1e-9 for t in tasks),
+        "mfis_within_budget": all(ms["acc_after_finetune"][t] >= ref[t] - drop for t in tasks),
+        "pam_budget_met": b["pam"]["budget_met"], "accuracy": accuracy, "table": rows,
+        "solver_seconds": ms["solver_seconds"], "search_seconds": mfis_report["seconds"],
+        "pareto_size": len(mfis_report["front"]["F"]), "pam_seconds": ps["pam"]["partitions"]["seconds"],
+        "seconds": mfis_entry["seconds"],
+    }
+
+
+def render_mfis(summary: Mapping[str, Any]) -> str:
+    m = summary["machine"]
+    lines = ["# mfis: many-objective filter index sharing against PAM and no merging, on multidigits", "",
+             f"`mtprune bench mfis --scale {summary['scale']}`; {m['date']}, {m['cpu']}, {m['threads']} thread(s), "
+             f"torch {m['torch']}, {m['device']}. MFIS is our reconstruction of Cheng et al. (Cognitive "
+             "Computation 2021; METHODS.md §4): NSGA-III over T + 2 objectives, the knee of the Pareto front, "
+             "then joint fine-tuning. It merges **the same single-task networks** as the `pam` suite's entry "
+             "(same seeds, same data). *No merging* is given twice: the unpruned single-task networks, and each "
+             "network pruned alone at the accuracy budget (from the `pam` entry). PAM and no merging are held to "
+             "the budget (every task within the stated points of its single-task network); MFIS is not pruned "
+             "further, its accuracy is reported as it is. MACs per sample; latency of a batch of 16, one thread.",
+             "", "![cost and accuracy](mfis_vs_pam.png)", ""]
+    for label, e in summary["entries"].items():
+        s = e["settings"]
+        lines += [f"## {label}: {e['model']}, tasks {', '.join(e['tasks'])}", "",
+                  f"NSGA-III population {s['pop_size']}, {s['generations']} generations, importance "
+                  f"{s['importance']}, alignment {s['align']}, selection {s['select']}; fine-tuning "
+                  f"{s['finetune'].get('epochs')} epochs. Solver wall time **{e['solver_seconds']:.1f} s** "
+                  f"({e['pareto_size']} Pareto solutions; {e['search_seconds']:.1f} s with the statistics); PAM's "
+                  f"partitioning took {e['pam_seconds']:.1f} s. Same single-task networks as PAM: "
+                  f"{e['same_networks']}. MFIS within the {e['accuracy_drop']:g}-point budget: "
+                  f"{e['mfis_within_budget']}; PAM: {e['pam_budget_met']}.", "",
+                  "| accuracy (%) | " + " | ".join(e["tasks"]) + " |", "|---|" + "---|" * len(e["tasks"])]
+        for name, acc in e["accuracy"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"]) + " |")
+        lines += ["", "| subset | no merging, unpruned | no merging, pruned | PAM, pruned | MFIS | unpruned / MFIS | "
+                  "pruned / MFIS | pruned / PAM |", "|---|---|---|---|---|---|---|---|"]
+        for r in e["table"]:
+            cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})"
+                     for a in ("no_merge_dense", "no_merge", "pam", "mfis")]
+            lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_dense_over_mfis']:.2f}× | "
+                         f"{r['no_merge_over_mfis']:.2f}× | {r['no_merge_over_pam']:.2f}× |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_mfis(entries: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Per entry: MMACs per task subset (no merging unpruned / pruned, PAM, MFIS) and accuracy per task."""
+    panels = []
+    for label, e in entries.items():
+        names = {"no_merge_dense": "no merging", "no_merge": "no merging, pruned",
+                 "pam": "PAM, pruned" + ("" if e["pam_budget_met"] else " (over budget)"),
+                 "mfis": "MFIS" + ("" if e["mfis_within_budget"] else " (over budget)")}
+        keys = [r["subset"] for r in e["table"]]
+        panels.append((f"{label}: cost", keys, {n: [r[f"{a}_macs"] / 1e6 for r in e["table"]]
+                                                for a, n in names.items()}, "MMACs per sample"))
+        panels.append((f"{label}: accuracy", e["tasks"], {n: [acc[t] for t in e["tasks"]]
+                                                          for n, acc in e["accuracy"].items()}, "accuracy (%)"))
+    return _plot(path, panels, ncols=2)

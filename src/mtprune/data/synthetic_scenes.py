@@ -23,6 +23,15 @@ the cache takes ~125 MB. The data is written once in the MTAN layout (float32 im
 depth (H, W, 1), normal (H, W, 3), edge (H, W, 1)) to ``$MTPRUNE_CACHE/synthetic_scenes/<hash>`` (default
 cache ``~/.cache/mtprune``) through a temporary folder and one atomic rename, and read back by the same
 ``MTANDataset`` as NYUv2.
+
+Attribute tasks (image-level, for merging methods such as PAM and MFIS; DATA.md leaves them open, so this is
+our choice) are derived deterministically from each scene's stored label map at full resolution, counting an
+object class as *visible* when it covers at least ``ATTR_MIN_FRACTION`` of the image:
+
+- ``objects`` (multilabel, C − 2): which object classes are visible;
+- ``count`` (class, C − 1): how many object classes are visible (0 .. C − 2);
+- ``dominant`` (class, C − 1): the object class covering the most pixels (index class − 2), or C − 2 when none
+  is visible.
 """
 
 from __future__ import annotations
@@ -40,8 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..utils.errors import MTPruneInputError
+from .conventions import check_same_size, dense_to_tensor, image_to_tensor
+from .io import read_npy
 from .mtan import MTANDataset
 from .transforms import JointTransform
 
@@ -57,6 +70,9 @@ REF_DEPTH_M = 4.0  # an object's pixel size is its metric size at this depth, sc
 MIN_DEPTH_M = 0.4
 MAX_SLOPE = 1.7  # |dz/dx|, |dz/dy| of object planes: tilts up to ~60°
 EDGE_JUMP = 0.05  # relative depth jump that counts as an occlusion edge
+ATTR_MIN_FRACTION = 0.01  # share of the image an object class must cover to count as visible
+# attribute task → kind; targets are computed from the label map (``scene_attributes``)
+ATTRIBUTE_TASKS = {"objects": "multilabel", "count": "class", "dominant": "class"}
 STALE_TMP_S = 3600.0
 
 WALL, GROUND = 0, 1
@@ -311,6 +327,23 @@ def _edges(label: np.ndarray, instance: np.ndarray, depth: np.ndarray | None) ->
     return edge.astype(np.float32)
 
 
+def scene_attributes(label: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """The attribute targets of one scene from its label map ``(H, W)`` (see the module docstring)."""
+    label = np.asarray(label)
+    if label.ndim == 3 and label.shape[2] == 1:
+        label = label[:, :, 0]
+    objects = num_classes - 2
+    cls = label.astype(np.int64).ravel()
+    area = np.bincount(cls[(cls >= 2) & (cls < num_classes)] - 2, minlength=objects)[:objects]
+    visible = area >= ATTR_MIN_FRACTION * label.size
+    dominant = int(np.argmax(np.where(visible, area, -1))) if visible.any() else objects
+    return {
+        "objects": visible.astype(np.float32),
+        "count": np.asarray(int(visible.sum()), dtype=np.int64),
+        "dominant": np.asarray(dominant, dtype=np.int64),
+    }
+
+
 def scene_rng(params: SceneParams, split: str, index: int) -> np.random.Generator:
     """Scene ``index`` of ``split`` depends only on (seed, split, index), not on the split sizes."""
     return np.random.default_rng([params.seed, 1 + ("train", "val").index(split), index])
@@ -396,7 +429,8 @@ def load_synthetic_scenes(
     """The synthetic scenes (generated on first use, cached); ``params`` are ``SceneParams`` fields.
 
     With ``root``, the data lives exactly there: read if present (explicit ``params`` must then match
-    the stored ones), generated there otherwise. Tasks: seg, depth, normal, edge.
+    the stored ones), generated there otherwise. Tasks: seg, depth, normal, edge, and the attribute tasks
+    objects, count, dominant (not part of the default selection; name them in ``tasks``).
     """
     fields = {f.name for f in dataclasses.fields(SceneParams)}
     unknown = sorted(set(params) - fields)
@@ -420,7 +454,8 @@ def load_synthetic_scenes(
 
 class SyntheticScenes(MTANDataset):
     """The generated scenes, read by the MTAN-layout reader; ``params`` are the generation parameters
-    (``None`` for a folder that was not made by ``generate``)."""
+    (``None`` for a folder that was not made by ``generate``). ``tasks=None`` selects the dense tasks; the
+    attribute tasks (``ATTRIBUTE_TASKS``) are read from the label map when named."""
 
     def __init__(
         self,
@@ -434,6 +469,23 @@ class SyntheticScenes(MTANDataset):
     ) -> None:
         self.params = params
         num_classes = (params or {}).get("num_classes", SceneParams.num_classes)
-        super().__init__(
-            root, split, SCENE_TASKS, tasks=tasks, num_classes={"seg": num_classes}, size=size, transform=transform
-        )
+        table = {**SCENE_TASKS, **{t: ("label", kind) for t, kind in ATTRIBUTE_TASKS.items()}}
+        counts = {"seg": num_classes, "objects": num_classes - 2, "count": num_classes - 1,
+                  "dominant": num_classes - 1}
+        super().__init__(root, split, table, tasks=list(SCENE_TASKS) if tasks is None else tasks,
+                         num_classes=counts, size=size, transform=transform)
+        self.scene_classes = num_classes
+
+    def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        attrs = [t for t in self.kinds if t in ATTRIBUTE_TASKS]
+        if not attrs:
+            return super().load_item(index)
+        name = f"{index}.npy"
+        image = image_to_tensor(read_npy(self.image_dir / name), self.image_dir / name)
+        targets = {t: dense_to_tensor(read_npy(d / name), self.kinds[t], d / name)
+                   for t, d in self.task_dirs.items() if t not in ATTRIBUTE_TASKS}
+        check_same_size(image, targets, self.kinds, f"{self.root / self.split} item {index}")
+        path = self.task_dirs[attrs[0]] / name
+        values = scene_attributes(dense_to_tensor(read_npy(path), "seg", path).numpy(), self.scene_classes)
+        targets.update({t: torch.from_numpy(values[t]) for t in attrs})
+        return image, targets

@@ -12,13 +12,14 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``merge CONFIG [--set k=v] [--out DIR] [--overwrite]`` to the ``mtprune`` sub-commands."""
+    """Add ``merge CONFIG [--set k=v] [--out DIR] [--overwrite] [--resume]`` to the ``mtprune`` sub-commands."""
     p = subparsers.add_parser("merge", help="merge single-task networks (PAM), prune, and compare the cost of "
                                             "every task subset with naive merging and no merging")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in its run directory")
     return p
 
 
@@ -29,16 +30,17 @@ def run(args: argparse.Namespace) -> int:
     from .experiment import load_merge_config, run_merge
     from .mfis.run import load_mfis_config, merge_method, print_summary, run_from_config
 
+    quiet, resume = getattr(args, "quiet", False), getattr(args, "resume", False)
     if merge_method(args.config, args.overrides) == "mfis":
         mcfg = load_mfis_config(args.config, args.overrides)
-        run_dir = prepare_run_dir(args.out or Path("runs") / mcfg.name, overwrite=args.overwrite)
-        print_summary(run_from_config(mcfg, run_dir, quiet=getattr(args, "quiet", False)))
+        run_dir = prepare_run_dir(args.out or Path("runs") / mcfg.name, overwrite=args.overwrite, resume=resume)
+        print_summary(run_from_config(mcfg, run_dir, quiet=quiet, resume=resume))
         print(f"report: {run_dir / 'report.md'}")
         return 0
 
     cfg = load_merge_config(args.config, args.overrides)
-    run_dir = prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite)
-    summary = run_merge(cfg, run_dir, quiet=getattr(args, "quiet", False))
+    run_dir = prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite, resume=resume)
+    summary = run_merge(cfg, run_dir, quiet=quiet, resume=resume)
     _print_table(summary)
     print(f"report: {run_dir / 'report.md'}")
     return 0

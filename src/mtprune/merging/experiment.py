@@ -8,6 +8,12 @@
    every task stays within ``prune.accuracy_drop`` points of its single-task network. Without merging, each
    network is pruned alone on its own task.
 5. Measure MACs and latency of every task subset; write the cost table, the figure and a report.
+
+Kill and resume (``resume=True``, ``mtprune merge --resume``): every training of the run (single-task networks,
+PAM retraining, naive baseline, each fine-tuning of the pruning ladder) has its own Trainer run directory and
+checkpoints each epoch; a resumed run trains only the epochs not yet done. The work between trainings (PAM's
+partitions, pruning, evaluation) is deterministic given the networks and the seeds, and is redone, so the
+result is bit for bit an uninterrupted run's on CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from mtprune.config import DataConfig, ModelConfig, TrainSection, dump_config, l
 from mtprune.engine.evaluate import evaluate
 from mtprune.engine.logging import log
 from mtprune.engine.trainer import TrainConfig, train
-from mtprune.io import save
+from mtprune.io import load, save
 from mtprune.measure import profile
 from mtprune.models import build_model
 from mtprune.pruning.prune import prune
@@ -54,6 +60,7 @@ class MergeSection(_Strict):
     noise_var: float = Field(0.1, gt=0)
     batch: int = Field(128, ge=2)
     naive_split: int = Field(2, ge=1)
+    singles: str | None = None  # a directory of <task>.mtp single-task networks to merge instead of training them
     retrain: TrainSection = Field(default_factory=lambda: TrainSection(epochs=3, lr=1e-3, weight_decay=0.0))
 
     @model_validator(mode="after")
@@ -117,21 +124,21 @@ def tasks_of(dataset: Any, names: list[str]) -> dict[str, Task]:
     return out
 
 
-def _train_config(section: TrainSection, cfg: MergeConfig, quiet: bool) -> TrainConfig:
+def _train_config(section: TrainSection, cfg: MergeConfig, quiet: bool, resume: bool = False) -> TrainConfig:
     return TrainConfig(
         epochs=section.epochs, batch_size=section.batch_size, eval_batch_size=section.eval_batch_size,
         lr=section.lr, weight_decay=section.weight_decay, optimizer=section.optimizer, momentum=section.momentum,
         scheduler=section.scheduler, step_size=section.step_size, gamma=section.gamma, device=cfg.device,
         amp=False, seed=cfg.seed, num_workers=section.num_workers, grad_clip=section.grad_clip, quiet=quiet,
-        tensorboard=False,
+        tensorboard=False, resume=resume,
     )
 
 
 class _Runner:
     """Shared state of one merge run: data, tasks, the device and the run directory."""
 
-    def __init__(self, cfg: MergeConfig, run_dir: Path, quiet: bool) -> None:
-        self.cfg, self.run_dir, self.quiet = cfg, run_dir, quiet
+    def __init__(self, cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool = False) -> None:
+        self.cfg, self.run_dir, self.quiet, self.resume = cfg, run_dir, quiet, resume
         d = cfg.data
         self.train_set: Dataset = data_mod.load(d.name, root=d.root, split=d.train_split, tasks=cfg.tasks,
                                                 **d.kwargs)
@@ -141,9 +148,11 @@ class _Runner:
         self.example = self.train_set[0][0][None]
 
     def fit(self, model: nn.Module, tasks: Mapping[str, Task], section: TrainSection, where: str) -> None:
+        """Train in ``run_dir/where``; when resuming, continue from its last checkpoint (if an attempt left one)."""
         if section.epochs > 0:
+            resume = self.resume and (self.run_dir / where / "checkpoints").is_dir()
             train(model, dict(tasks), self.train_set, self.val_set, self.run_dir / where,
-                  _train_config(section, self.cfg, self.quiet))
+                  _train_config(section, self.cfg, self.quiet, resume))
 
     def score(self, model: nn.Module, tasks: Mapping[str, Task]) -> dict[str, float]:
         metrics = evaluate(model, self.val_set, dict(tasks), device=self.device,
@@ -188,25 +197,31 @@ class _Runner:
         return kept.cpu(), {"steps": steps, "budget_met": True, "fraction": fraction, "acc": acc}
 
 
-def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Run the whole comparison in ``run_dir``; returns the summary (also written to ``summary.json``)."""
+def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run the whole comparison in ``run_dir``; returns the summary (also written to ``summary.json``).
+
+    ``resume``: continue a killed run in ``run_dir``; the epochs it completed are not trained again.
+    """
     seed_everything(cfg.seed)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, run_dir, quiet)
+        return _run(cfg, run_dir, quiet, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: MergeConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
-    r = _Runner(cfg, run_dir, quiet)
+def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str, Any]:
+    r = _Runner(cfg, run_dir, quiet, resume)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     names = list(r.tasks)
 
     singles: dict[str, nn.Module] = {}
     for i, t in enumerate(names):
+        if cfg.merge.singles:  # the networks were trained before (e.g. shared with an MFIS run)
+            singles[t] = load(Path(cfg.merge.singles) / f"{t}.mtp")
+            continue
         seed_everything(cfg.seed + i)
         singles[t] = build_model(cfg.model.name, {t: r.tasks[t].out_channels}, width=cfg.model.width,
                                  head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None, **cfg.model.kwargs)

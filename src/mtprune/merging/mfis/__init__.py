@@ -12,12 +12,13 @@ from .encoding import Layout, Settled, decode, encode, from_keep_sets, keep_coun
 from .objectives import Evaluation, Landscape, LayerStats, evaluate, fidelity_table, merge_cost_table, subset_macs
 from .report import MFISReport, plot_front, sharing_table
 from .run import MFISConfig, MFISSearch, load_mfis_config, mfis, mfis_search, run_from_config
+from .serialize import load_mfis, rebuild_mfis
 from .solve import ParetoFront, knee_point, select_solution, solve
 
 __all__ = [
     "Evaluation", "Landscape", "LayerStats", "Layout", "MFISConfig", "MFISNet", "MFISReport",
     "MFISSearch", "ParetoFront", "Settled", "SlotGroup", "build_mfis", "decode", "encode", "evaluate", "fidelity_table",
-    "from_keep_sets", "keep_counts", "knee_point", "load_mfis_config", "merge_cost_table", "mfis", "mfis_search",
-    "plot_front", "run_from_config", "select_solution", "settle", "sharing_table", "solve", "subset_macs",
-    "to_keep_sets",
+    "from_keep_sets", "keep_counts", "knee_point", "load_mfis", "load_mfis_config", "merge_cost_table", "mfis",
+    "mfis_search", "plot_front", "rebuild_mfis", "run_from_config", "select_solution", "settle", "sharing_table",
+    "solve", "subset_macs", "to_keep_sets",
 ]

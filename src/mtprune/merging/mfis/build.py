@@ -93,10 +93,14 @@ class MFISNet(nn.Module):
         return out
 
     def structure(self) -> dict[str, Any]:
-        """A JSON-able description of the groups (for reports and the ``.mtp`` metadata)."""
-        return {"tasks": list(self.tasks), "widths": self.widths, "layer_names": self.layer_names,
+        """A JSON-able description of the groups and of every stage's modules (for reports and the ``.mtp``
+        metadata, from which :func:`~.serialize.load_mfis` rebuilds the network)."""
+        from .serialize import FORMAT_VERSION, describe_stages
+
+        return {"version": FORMAT_VERSION, "tasks": list(self.tasks), "widths": self.widths,
+                "layer_names": self.layer_names,
                 "layers": [[g.to_dict(self.tasks) for g in groups] for groups in self.plan],
-                "head_inputs": self.head_inputs}
+                "head_inputs": self.head_inputs, "modules": describe_stages(self)}
 
     def _select(self, tasks: Sequence[str] | str | None) -> list[str]:
         if tasks is None:

@@ -17,6 +17,7 @@ public; what we built from it is documented in METHODS.md §4 and in the modules
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,8 +97,9 @@ def mfis_search(models: Mapping[str, nn.Module], data: Any, *, importance: str =
                 align: str = "activations", rate: float | Sequence[float] | None = None, pop_size: int = 100,
                 n_gen: int = 100, seed: int = 0, n_partitions: int | None = None, batch: int = 256,
                 stats_batch_size: int = 32, losses: Mapping[str, Any] | None = None, flips_per_block: float = 0.5,
-                quiet: bool = True) -> MFISSearch:
-    """Steps 1–2 of :func:`mfis`: statistics, alignment and the NSGA-III search (arguments as there)."""
+                quiet: bool = True, front: ParetoFront | None = None) -> MFISSearch:
+    """Steps 1–2 of :func:`mfis`: statistics, alignment and the NSGA-III search (arguments as there); a given
+    ``front`` (of an earlier search with the same inputs) replaces the search."""
     from ..pam import collect_batch
 
     started = time.perf_counter()
@@ -125,8 +127,9 @@ def mfis_search(models: Mapping[str, nn.Module], data: Any, *, importance: str =
         quality = []
     land = build_landscape(chains, imp, x)
     counts = keep_counts(land.layout(), rate)
-    front = solve(land, pop_size=pop_size, n_gen=n_gen, seed=seed, n_partitions=n_partitions, counts=counts,
-                  flips_per_block=flips_per_block, quiet=quiet)
+    if front is None:
+        front = solve(land, pop_size=pop_size, n_gen=n_gen, seed=seed, n_partitions=n_partitions, counts=counts,
+                      flips_per_block=flips_per_block, quiet=quiet)
     settings = {"importance": importance, "align": align, "rate": rate, "batch": int(len(x)),
                 "stats_batch_size": stats_batch_size, "seed": seed, **front.settings}
     return MFISSearch(chains, land, front, counts, quality, settings, started)
@@ -136,7 +139,7 @@ def mfis(models: Mapping[str, nn.Module], data: Any, *, importance: str = "taylo
          rate: float | Sequence[float] | None = None, pop_size: int = 100, n_gen: int = 100, seed: int = 0,
          n_partitions: int | None = None, select: str | Mapping[str, float] = "knee", batch: int = 256,
          stats_batch_size: int = 32, losses: Mapping[str, Any] | None = None, flips_per_block: float = 0.5,
-         quiet: bool = True) -> tuple[MFISNet, MFISReport]:
+         quiet: bool = True, front: ParetoFront | None = None) -> tuple[MFISNet, MFISReport]:
     """Merge single-task chain networks with MFIS (reconstruction of Cheng et al. 2021); returns
     ``(merged_model, report)``. Fine-tune the result with ``mtprune.engine.trainer.train``.
 
@@ -154,13 +157,15 @@ def mfis(models: Mapping[str, nn.Module], data: Any, *, importance: str = "taylo
         select: ``"knee"`` or bounds ``{"max_macs": .., "max_loss": .., "max_dissimilarity": ..}``.
         losses: task → loss callable or ``Task`` for Taylor-FO (default: cross-entropy / BCE by target type).
         quiet: no progress bar.
+        front: the Pareto front of an earlier search on the same networks and settings, to skip the search
+            (``mtprune merge --resume``).
 
     The merged model returns ``{task: output}``; ``merged(x, tasks=[...])`` runs only what those tasks need.
     """
     search = mfis_search(models, data, importance=importance, align=align, rate=rate, pop_size=pop_size,
                          n_gen=n_gen, seed=seed, n_partitions=n_partitions, batch=batch,
                          stats_batch_size=stats_batch_size, losses=losses, flips_per_block=flips_per_block,
-                         quiet=quiet)
+                         quiet=quiet, front=front)
     index = select_solution(search.front, select)
     net, report = search.build(index)
     net.train(any(m.training for m in models.values()))
@@ -253,18 +258,43 @@ def load_mfis_config(path: str | Path, overrides: list[str] | None = None) -> MF
     return load_config(path, overrides, schema=MFISConfig)
 
 
-def _train_config(section: TrainSection, cfg: MFISConfig, quiet: bool) -> Any:
+def _save_front(path: Path, front: ParetoFront) -> None:
+    """The search's result, atomically, as a weights-only checkpoint (no pickle): resuming skips the search."""
+    from mtprune.engine.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"kind": "mfis-front", "X": torch.from_numpy(np.ascontiguousarray(front.X)),
+                           "F": torch.from_numpy(np.ascontiguousarray(front.F)), "names": list(front.names),
+                           "seconds": front.seconds, "settings": json.dumps(front.settings),
+                           "history": json.dumps(front.history)})
+
+
+def _load_front(path: Path) -> ParetoFront:
+    from mtprune.engine.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    try:
+        if payload.get("kind") != "mfis-front":
+            raise ValueError(f"a {payload.get('kind')!r} checkpoint")
+        return ParetoFront(payload["X"].numpy(), payload["F"].numpy(), list(payload["names"]),
+                           float(payload["seconds"]), json.loads(payload["settings"]), json.loads(payload["history"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise MTPruneInputError(f"{path}: not the Pareto front of an MFIS search; cannot resume from it "
+                                f"({type(err).__name__}: {err})") from err
+
+
+def _train_config(section: TrainSection, cfg: MFISConfig, quiet: bool, where: Path, resume: bool = False) -> Any:
     from mtprune.engine.trainer import TrainConfig
 
     return TrainConfig(epochs=section.epochs, batch_size=section.batch_size, eval_batch_size=section.eval_batch_size,
                        lr=section.lr, weight_decay=section.weight_decay, optimizer=section.optimizer,
                        momentum=section.momentum, scheduler=section.scheduler, step_size=section.step_size,
                        gamma=section.gamma, device=cfg.device, amp=False, seed=cfg.seed,
-                       num_workers=section.num_workers, grad_clip=section.grad_clip, quiet=quiet, tensorboard=False)
+                       num_workers=section.num_workers, grad_clip=section.grad_clip, quiet=quiet, tensorboard=False,
+                       resume=resume and (where / "checkpoints").is_dir())
 
 
 def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Path,
-                    quiet: bool = False) -> dict[str, Any]:
+                    quiet: bool = False, resume: bool = False) -> dict[str, Any]:
     """The ``mtprune merge`` pipeline for MFIS, in ``run_dir``; returns the summary (also ``summary.json``).
 
     1. Train T single-task networks (the config's zoo model, one head each; seeds ``seed + i``), saved as
@@ -274,6 +304,9 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
     4. MACs and latency of every task subset, against no merging (``merging.cost``); the analytic MACs of the
        objectives are checked against ``mtprune.profile``.
     5. ``report.md``, ``summary.json``, ``plots/`` (Pareto front, cost per subset) and ``mfis.mtp``.
+
+    ``resume``: continue a killed run in ``run_dir``. Trainings continue from their last epoch's checkpoint; the
+    Pareto front, saved once found (``search.pt``), is not searched again; the rest is deterministic and redone.
     """
     from mtprune import data as data_mod
     from mtprune.config import dump_config
@@ -318,21 +351,27 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
         singles[t] = build_model(cfg.model.name, {t: tasks[t].out_channels}, width=cfg.model.width,
                                  head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None, **cfg.model.kwargs)
         if cfg.train.epochs > 0:
-            train(singles[t], {t: tasks[t]}, train_set, val_set, run_dir / "singles" / t,
-                  _train_config(cfg.train, cfg, quiet))
+            where = run_dir / "singles" / t
+            opts = _train_config(cfg.train, cfg, quiet, where, resume)
+            train(singles[t], {t: tasks[t]}, train_set, val_set, where, opts)
         singles[t].cpu()
         save(singles[t], run_dir / "singles" / f"{t}.mtp", example_inputs=example)
     reference = {t: score(singles[t], {t: tasks[t]})[t] for t in names}
     log.info("single-task accuracy: %s", reference)
 
     m = cfg.merge
+    search_path = run_dir / "search.pt"
+    front = _load_front(search_path) if resume and search_path.is_file() else None
     merged, report = mfis(singles, train_set, importance=m.importance, align=m.align, rate=m.rate,
                           pop_size=m.pop_size, n_gen=m.generations, seed=cfg.seed, n_partitions=m.partitions,
                           select=m.select, batch=m.batch, stats_batch_size=m.stats_batch_size, losses=tasks,
-                          flips_per_block=m.flips_per_block, quiet=quiet)
+                          flips_per_block=m.flips_per_block, quiet=quiet, front=front)
+    if front is None:
+        _save_front(search_path, report.front)
     acc_merged = score(merged, tasks)
     if m.finetune.epochs > 0:
-        train(merged, dict(tasks), train_set, val_set, run_dir / "finetune", _train_config(m.finetune, cfg, quiet))
+        where = run_dir / "finetune"
+        train(merged, dict(tasks), train_set, val_set, where, _train_config(m.finetune, cfg, quiet, where, resume))
     merged.cpu().eval()
     acc_finetuned = score(merged, tasks)
 

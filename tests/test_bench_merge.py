@@ -1,0 +1,185 @@
+"""The merge benchmark suites (``mtprune bench pam`` / ``mfis``), the shared single-task networks, and the data
+that PAM (He et al., KDD 2021) and MFIS (Cheng et al. 2021) merge on: synthetic_scenes attribute tasks and CelebA
+with PAM's attribute split, through the merge config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtprune import data as D
+from mtprune.bench import merge_suites as M
+from mtprune.data.synthetic_scenes import scene_attributes
+from mtprune.merging.experiment import load_merge_config, run_merge, tasks_of
+from mtprune.tasks import ClassificationTask, MultiLabelTask
+from mtprune.utils.errors import MTPruneInputError
+
+pytest.importorskip("pymoo")
+pytestmark = pytest.mark.filterwarnings("ignore:target_macs")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_MERGE = ["train.epochs=1", "train.batch_size=8", "train.eval_batch_size=64", "merge.alpha_conv=-1",
+              "merge.alpha_linear=-1", "merge.batch=16", "merge.retrain.epochs=1", "merge.retrain.batch_size=8",
+              "prune.ladder=[0.5]", "prune.accuracy_drop=100", "prune.stats_batches=1", "prune.stats_batch_size=8",
+              "prune.finetune.epochs=1", "prune.finetune.batch_size=8", "cost.latency=false", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory):
+    """One small ``mfis`` suite run (LeNet-5, 2 tasks), which runs the matching ``pam`` entry first."""
+    out = tmp_path_factory.mktemp("bench") / "mfis"
+    result = M.run_mfis(scale="small", out=out, threads=1, models=["lenet"], task_sets=["2tasks"])
+    return out, result
+
+
+def test_pam_entry_reports_every_subset_and_keeps_no_weights(suites):
+    out, _ = suites
+    pam = out / "pam"
+    summary = json.loads((pam / "lenet_2tasks" / "summary.json").read_text())
+    assert [r["subset"] for r in summary["table"]] == ["left", "right", "left+right"]
+    for row in summary["table"]:
+        assert row["no_merge_over_pam"] == pytest.approx(row["no_merge_macs"] / row["pam_macs"])
+    assert set(summary["budgets"]) == {"no_merge", "naive", "pam"}
+    assert (pam / "lenet_2tasks" / "report.md").is_file() and (pam / "lenet_2tasks" / "plots").is_dir()
+    assert not list((pam / "lenet_2tasks").rglob("*.mtp")) and not list((pam / "lenet_2tasks").rglob("*.pt"))
+    assert len(list((pam / "runs" / "singles").glob("*.mtp"))) == 2  # the shared store keeps the networks
+
+
+def test_mfis_entry_compares_on_the_same_networks(suites):
+    out, result = suites
+    summary = json.loads((out / "summary.json").read_text())
+    e = summary["entries"]["lenet_2tasks"]
+    assert e["same_networks"] and e["solver_seconds"] > 0
+    assert set(e["accuracy"]) == {"single-task", "no merging (pruned)", "PAM (pruned)", "MFIS (merged)",
+                                  "MFIS (fine-tuned)"}
+    pam = json.loads((out / "pam" / "entries" / "lenet_2tasks.json").read_text())
+    mfis = json.loads((out / "entries" / "lenet_2tasks.json").read_text())
+    assert {t: v["key"] for t, v in mfis["singles"].items()} == {t: v["key"] for t, v in pam["singles"].items()}
+    assert all(v["reused"] for v in mfis["singles"].values())  # trained once, by the pam entry
+    for row in e["table"]:
+        assert row["no_merge_over_mfis"] == pytest.approx(row["no_merge_macs"] / row["mfis_macs"])
+        assert row["no_merge_dense_macs"] >= row["no_merge_macs"]  # pruning no merging never adds MACs
+    assert result["no_merge_over_mfis"]["lenet_2tasks"]["left+right"] == e["table"][2]["no_merge_dense_over_mfis"]
+    for name in ("report.md", "mfis_vs_pam.png", "lenet_2tasks/report.md", "lenet_2tasks/plots/cost_per_subset.png"):
+        assert (out / name).is_file(), name
+    assert "Solver wall time" in (out / "report.md").read_text()
+
+
+def test_pam_suite_resumes_and_reruns_changed_settings(suites, monkeypatch, tmp_path):
+    import shutil
+
+    out, _ = suites
+    pam = shutil.copytree(out / "pam", tmp_path / "pam")  # the reruns below must not touch the shared run
+    before = json.loads((pam / "entries" / "lenet_2tasks.json").read_text())
+
+    def boom(*a, **k):
+        raise RuntimeError("recomputed")
+
+    monkeypatch.setattr(M, "run_merge", boom)
+    again = M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"])
+    assert again["no_merge_over_pam"]["lenet_2tasks"] == {r["subset"]: r["no_merge_over_pam"]
+                                                          for r in before["summary"]["table"]}
+    assert (pam / "report.md").is_file() and (pam / "pam_cost_per_subset.png").is_file()
+    rows = json.loads((pam / "summary.json").read_text())["entries"]["lenet_2tasks"]["sensitivity"]
+    assert [(r["noise_var"], r["alpha_conv"], r["alpha_linear"]) for r in rows] == M.SENSITIVITY
+    assert "| noise variance |" in (pam / "report.md").read_text()
+    with pytest.raises(RuntimeError, match="recomputed"):  # without --resume every entry reruns
+        M.run_pam(scale="small", out=pam, threads=1, resume=False, models=["lenet"], task_sets=["2tasks"])
+    monkeypatch.setitem(M.SCALE_OVERRIDES, "small", [*M.SCALE_OVERRIDES["small"], "prune.accuracy_drop=3"])
+    with pytest.raises(RuntimeError, match="recomputed"):  # other settings: the stored entry is not reused
+        M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"])
+
+
+def test_merge_reuses_given_single_task_networks(suites, tmp_path):
+    out, _ = suites
+    pam = json.loads((out / "pam" / "entries" / "lenet_2tasks.json").read_text())
+    cfg = M._pam_config("lenet", "2tasks", "small", 1)
+    from mtprune.merging.singles import prepare_singles
+
+    info = prepare_singles(cfg, out / "pam" / "runs" / "singles", tmp_path / "singles")
+    assert all(v["reused"] for v in info.values())
+    cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"singles": str(tmp_path / "singles")})})
+    summary = run_merge(cfg, tmp_path / "run", quiet=True)
+    assert summary["reference_acc"] == pam["summary"]["reference_acc"]
+    assert not (tmp_path / "run" / "singles").exists()  # nothing was trained
+
+
+# ---------------------------------------------------------------- synthetic_scenes attribute tasks
+
+
+def test_scene_attributes_by_hand():
+    label = np.zeros((20, 20), dtype=np.int64)
+    label[10:, :] = 1  # ground
+    label[0:5, 0:10] = 2  # 50 px: visible, the largest
+    label[6, 0:3] = 4  # 3 px < 1 % of 400: not visible
+    label[12:14, 0:5] = 5  # 10 px: visible
+    a = scene_attributes(label, 7)
+    assert a["objects"].tolist() == [1, 0, 0, 1, 0] and int(a["count"]) == 2 and int(a["dominant"]) == 0
+    none = scene_attributes(np.ones((20, 20)), 7)
+    assert not none["objects"].any() and int(none["count"]) == 0 and int(none["dominant"]) == 5
+
+
+def test_synthetic_attribute_tasks_are_read_and_merge(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    kw = {"n_train": 16, "n_val": 8, "height": 32, "width": 40}
+    ds = D.load("synthetic_scenes", tasks=["seg", "objects", "count", "dominant"], **kw)
+    assert ds.kinds == {"seg": "seg", "objects": "multilabel", "count": "class", "dominant": "class"}
+    seen = set()
+    for i in range(len(ds)):
+        _, y = ds[i]
+        want = scene_attributes(y["seg"].numpy(), 7)
+        assert torch.equal(y["objects"], torch.from_numpy(want["objects"])) and y["objects"].dtype == torch.float32
+        assert int(y["count"]) == int(y["objects"].sum()) and int(y["dominant"]) == int(want["dominant"])
+        seen.add(int(y["count"]))
+    assert len(seen) > 1  # the attributes vary across scenes
+    assert D.load("synthetic_scenes", **kw).tasks == ["seg", "depth", "normal", "edge"]  # default: dense tasks
+    tasks = tasks_of(ds, ["objects", "count"])
+    assert isinstance(tasks["objects"], MultiLabelTask) and tasks["objects"].out_channels == 5
+    assert isinstance(tasks["count"], ClassificationTask) and tasks["count"].out_channels == 6
+    cfg = load_merge_config(CONFIGS / "merge_pam_multidigits.yaml", [
+        "data.name=synthetic_scenes", f"data.kwargs={json.dumps(kw)}", "tasks=[objects,count]",
+        "model.width=0.5", "model.kwargs={input_size: [32, 40]}", *TINY_MERGE])
+    summary = run_merge(cfg, tmp_path / "run", quiet=True)
+    assert summary["tasks"] == ["objects", "count"] and len(summary["table"]) == 3
+
+
+# ---------------------------------------------------------------- CelebA, PAM's split, through the merge config
+
+
+def write_fake_celeba(root: Path, n_train: int = 12, n_val: int = 6) -> np.ndarray:
+    """A small CelebA in the torchvision layout (random 20×24 JPEGs); returns the ±1 attribute table."""
+    rng = np.random.default_rng(3)
+    (root / "img_align_celeba").mkdir(parents=True)
+    n = n_train + n_val + 2
+    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
+    attrs = rng.choice([-1, 1], size=(n, 40))
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / "img_align_celeba" / name)
+    header = [str(n), " ".join(f"Attr_{j}" for j in range(40))]
+    rows = [f"{f} " + " ".join(f"{v:2d}" for v in a) for f, a in zip(names, attrs, strict=True)]
+    (root / "list_attr_celeba.txt").write_text("\n".join(header + rows) + "\n")
+    parts = [0] * n_train + [1] * n_val + [2, 2]
+    (root / "list_eval_partition.txt").write_text("\n".join(f"{f} {p}" for f, p in zip(names, parts, strict=True)))
+    return attrs
+
+
+def test_celeba_pam_split_through_the_merge_config(tmp_path):
+    attrs = write_fake_celeba(tmp_path / "celeba")
+    tiny = [f"data.root={tmp_path / 'celeba'}", "data.kwargs.size=32", "model.width=0.0625",
+            "model.kwargs.fc_hidden=256", "prune.min_channels=1", *TINY_MERGE]
+    cfg = load_merge_config(CONFIGS / "merge_pam_celeba.yaml", tiny)
+    val = D.load("celeba", root=cfg.data.root, split="val", tasks=cfg.tasks, **cfg.data.kwargs)
+    _, y = val[0]
+    row = attrs[12] > 0  # the first validation image
+    assert y["attr_a"].tolist() == row[:20].tolist() and y["attr_b"].tolist() == row[20:].tolist()
+    summary = run_merge(cfg, tmp_path / "run", quiet=True)
+    assert summary["tasks"] == ["attr_a", "attr_b"]
+    assert [r["subset"] for r in summary["table"]] == ["attr_a", "attr_b", "attr_a+attr_b"]
+    assert all(0 <= summary["reference_acc"][t] <= 100 for t in cfg.tasks)
+    with pytest.raises(MTPruneInputError, match="root"):
+        run_merge(load_merge_config(CONFIGS / "merge_pam_celeba.yaml", TINY_MERGE), tmp_path / "none", quiet=True)
