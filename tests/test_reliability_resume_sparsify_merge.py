@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +30,14 @@ from mtprune.cli import main
 from mtprune.sparsity import sparsify
 from mtprune.sparsity.training import SparseTrainConfig
 from mtprune.utils.errors import MTPruneInputError
+from test_reliability_resume import (
+    assert_same_tensors,
+    epochs_logged,
+    kill_after_progress,
+    launch,
+    records,
+    temporaries,
+)
 
 SPARSIFY = {"method": "imp", "sparsity": 0.8, "batches": 1, "batch_size": 6, "rounds": 2, "round_steps": 2,
             "train": {"epochs": 2, "batch_size": 6, "lr": 0.002}}
@@ -70,27 +75,16 @@ def sparsify_config(tmp_path: Path, **sparsify_section) -> Path:
     return write(tmp_path / "sparsify.yaml", tiny_run(sparsify={**SPARSIFY, **sparsify_section}))
 
 
+def same_files(a: Path, b: Path) -> None:
+    assert_same_tensors(load_file(str(a)), load_file(str(b)))
+
+
 def cli(*args) -> int:
     return main(["--quiet", *map(str, args)])
 
 
-def same_tensors(a: Path, b: Path) -> None:
-    x, y = load_file(str(a)), load_file(str(b))
-    assert x.keys() == y.keys()
-    different = [k for k in x if not torch.equal(x[k], y[k])]
-    assert not different, f"{b.name}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def epochs(path: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
-
-
-def records(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
-
-
-def temporaries(run: Path) -> list[Path]:
-    return [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
 # ------------------------------------------------------------------------------------------------- in process
@@ -138,14 +132,14 @@ def test_sparsify_imp_resumes_after_each_kind_of_unit_bit_exactly(tmp_path, env)
     assert cli("sparsify", cfg, "--out", ref) == 0
     kill_chain(["sparsify", cfg, "--out", run], ["dense/checkpoints/last.pt", "sparsify/loop.pt",
                                                   "sparsify/sparsified.pt", "train/checkpoints/last.pt"])
-    same_tensors(ref / "model.mtp", run / "model.mtp")
-    same_tensors(ref / "dense.mtp", run / "dense.mtp")
+    same_files(ref / "model.mtp", run / "model.mtp")
+    same_files(ref / "dense.mtp", run / "dense.mtp")
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert [r["metrics"] for r in a["models"]] == [r["metrics"] for r in b["models"]]
     assert a["sparsity"]["history"] == b["sparsity"]["history"]  # each round's target and last losses
     assert [h["round"] for h in b["sparsity"]["history"]] == [1, 2]
     for part in ("dense", "train"):  # every epoch once, with the uninterrupted run's losses and metrics
-        assert epochs(run / part / "metrics.jsonl") == [1, 2]
+        assert epochs_logged(run / part / "metrics.jsonl") == [1, 2]
         assert records(run / part / "metrics.jsonl") == records(ref / part / "metrics.jsonl")
     assert not temporaries(run)
 
@@ -156,7 +150,7 @@ def test_sparsify_dynamic_resumes_after_an_epoch_bit_exactly(tmp_path, env):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("sparsify", cfg, "--out", ref) == 0
     kill_chain(["sparsify", cfg, "--out", run], ["sparsify/loop.pt"])
-    same_tensors(ref / "model.mtp", run / "model.mtp")
+    same_files(ref / "model.mtp", run / "model.mtp")
     a, b = (json.loads((d / "summary.json").read_text())["sparsity"] for d in (ref, run))
     assert b["extra"]["steps"] == 4 and [h["step"] for h in b["history"]] == [1, 2]  # updates before T_end = 3
     assert a["history"] == b["history"]  # the same weights dropped and regrown
@@ -214,13 +208,13 @@ def test_merge_pam_resumes_after_each_stage_bit_exactly(tmp_path, env):
     kill_chain(["merge", cfg, "--out", run], ["singles/parity/checkpoints/last.pt", "pam/retrain/checkpoints/last.pt",
                                                "prune/naive/step1/checkpoints/last.pt"])
     for name in PAM_FILES:
-        same_tensors(ref / name, run / name)
+        same_files(ref / name, run / name)
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert a["budgets"] == b["budgets"]  # the same pruning ladder: fractions and accuracies
     a["pam"]["partitions"].pop("seconds"), b["pam"]["partitions"].pop("seconds")
     assert a["pam"] == b["pam"]  # the same partitions, accuracy after merging and after retraining
     for part in ("singles/parity", "pam/retrain", "prune/naive/step1"):
-        assert epochs(run / part / "metrics.jsonl") == [1, 2]
+        assert epochs_logged(run / part / "metrics.jsonl") == [1, 2]
         assert records(run / part / "metrics.jsonl") == records(ref / part / "metrics.jsonl")
     assert not temporaries(run)
 
@@ -237,10 +231,10 @@ def test_merge_mfis_resumes_without_searching_again(tmp_path, env):
     scramble_rngs()
     with mock.patch("mtprune.merging.mfis.run.solve", side_effect=AssertionError("searched again")):
         assert cli("merge", cfg, "--out", run, "--resume") == 0  # the saved Pareto front is reused
-    same_tensors(ref / "mfis.mtp", run / "mfis.mtp")
+    same_files(ref / "mfis.mtp", run / "mfis.mtp")
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert a["mfis"]["front"]["F"] == b["mfis"]["front"]["F"] and a["acc_after_finetune"] == b["acc_after_finetune"]
-    assert epochs(run / "finetune" / "metrics.jsonl") == [1, 2]
+    assert epochs_logged(run / "finetune" / "metrics.jsonl") == [1, 2]
 
 
 @pytest.mark.parametrize("command", ["sparsify", "merge"])
@@ -301,13 +295,7 @@ def test_debug_adds_the_traceback_to_the_one_line(tmp_path, env, capsys):
 
 
 # ------------------------------------------------------------------------------------------- real processes
-POLL_S = 0.01
 
-
-def launch(env: dict, log: Path, *args) -> subprocess.Popen:
-    with open(log, "ab") as err:
-        return subprocess.Popen([sys.executable, "-m", "mtprune.cli", "--quiet", *map(str, args)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def checkpoints(run: Path) -> dict[str, int]:
@@ -321,28 +309,15 @@ def checkpoints(run: Path) -> dict[str, int]:
     return out
 
 
-def kill_after_new_checkpoint(proc: subprocess.Popen, run: Path, delay: float) -> bool:
-    """Wait until the process writes a checkpoint, sleep ``delay``, SIGKILL it; False if it finished first."""
-    before, deadline = checkpoints(run), time.monotonic() + 120
-    while checkpoints(run).items() <= before.items():
-        if proc.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "the process made no progress"
-        time.sleep(POLL_S)
-    time.sleep(delay)
-    if proc.poll() is not None:
-        return False
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    return True
-
 
 def sigkill_loop(env: dict, args: list, run: Path, log: Path, ref_seconds: float, seed: int) -> int:
     """Start ``args``, SIGKILL it at random moments after it made progress, resume each time; returns the kills."""
     rng, kills = random.Random(seed), 0
     for attempt in range(2):
         proc = launch(env, log, *args, *(["--resume"] if attempt else []))
-        if not kill_after_new_checkpoint(proc, run, rng.uniform(0.0, 0.1 * ref_seconds)):
+        before = checkpoints(run)
+        progressed = lambda b=before: not checkpoints(run).items() <= b.items()  # noqa: E731
+        if not kill_after_progress(proc, progressed, rng.uniform(0.0, 0.1 * ref_seconds)):
             assert proc.wait() == 0, log.read_text()[-3000:]
             return kills
         kills += 1
@@ -360,8 +335,8 @@ def test_sparsify_survives_repeated_sigkill_bit_exactly(tmp_path, env):
     kills = sigkill_loop(env, ["sparsify", cfg, "--out", run], run, tmp_path / "stderr.log",
                          time.perf_counter() - start, seed=2)
     assert kills >= 2, "the runs finished before they could be killed"
-    same_tensors(ref / "model.mtp", run / "model.mtp")
-    assert epochs(run / "train" / "metrics.jsonl") == [1, 2, 3]
+    same_files(ref / "model.mtp", run / "model.mtp")
+    assert epochs_logged(run / "train" / "metrics.jsonl") == [1, 2, 3]
     assert records(run / "train" / "metrics.jsonl") == records(ref / "train" / "metrics.jsonl")
     assert not temporaries(run)
 
@@ -379,5 +354,5 @@ def test_merge_survives_repeated_sigkill_bit_exactly(tmp_path, env):
                          time.perf_counter() - start, seed=5)
     assert kills >= 2, "the runs finished before they could be killed"
     for name in PAM_FILES:
-        same_tensors(ref / name, run / name)
+        same_files(ref / name, run / name)
     assert not temporaries(run)
