@@ -1,0 +1,80 @@
+"""The ``garg2023`` suite (Garg et al. 2023, METHODS.md §1) at ``--scale small``: both criteria along the iterative
+schedule, the scratch retrainings at the recorded widths, the verdicts, the figures, and resuming."""
+
+import json
+
+import pytest
+
+from mtprune.bench import garg2023, run_suite
+from mtprune.utils.errors import MTPruneInputError
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("garg2023")
+    return out, run_suite("garg2023", scale="small", out=str(out), threads=1)
+
+
+def test_both_criteria_prune_along_the_schedule(small):
+    out, result = small
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["trajectories"]) == {"taylor", "cosprune"}
+    dense_params = saved["dense"]["0"]["params"]
+    for crit, runs in saved["trajectories"].items():
+        params = [p["params"] for p in runs[0]["trajectory"]]
+        assert len(params) == garg2023.SCALES["small"]["steps"] + 1, crit
+        assert params[0] == dense_params
+        assert all(b < a for a, b in zip(params, params[1:], strict=False)), (crit, params)
+        assert params[-1] / dense_params == pytest.approx(garg2023.SCALES["small"]["target_params"], abs=0.05)
+        first, last = runs[0]["trajectory"][0], runs[0]["trajectory"][-1]
+        assert first["delta_m"] == pytest.approx(0.0, abs=1e-9)  # step 0 is the dense model itself
+        # only backbone filters are pruned: every head keeps its hidden width
+        heads = {k: v for k, v in last["widths"].items() if k.startswith("heads.")}
+        assert heads and heads == {k: v for k, v in first["widths"].items() if k.startswith("heads.")}
+        assert any(last["widths"][k] < first["widths"][k] for k in last["widths"] if k.startswith("backbone."))
+
+
+def test_scratch_rows_rebuild_the_recorded_architectures(small):
+    out, result = small
+    rows = result["scratch"]
+    assert {r["criterion"] for r in rows} == {"taylor", "cosprune"}
+    for row in rows:
+        assert row["step"] in garg2023.SCALES["small"]["scratch_steps"]
+        assert row["params"] == row["iterative"]["params"]  # same architecture, fresh weights
+        assert set(row["metrics"]) == {"seg", "depth", "normal"}
+    assert set(result["scratch_summary"]) == {"taylor", "cosprune"}
+
+
+def test_verdicts_figures_and_markdown(small):
+    out, result = small
+    for name in ("a_metric_vs_params.png", "b_scratch_vs_iterative.png"):
+        assert (out / name).stat().st_size > 10_000
+    md = (out / "results.md").read_text()
+    a, b = result["verdicts"]["a"], result["verdicts"]["b"]
+    assert f"Finding (a) {'holds' if a['holds'] else 'does not hold here'}." in md
+    # (b)'s verdict follows the numbers it reports (one seed at this scale: mean = the seed)
+    per = b["per_criterion"]
+    better = [c for c, v in per.items() if v["scratch_pixel_acc"][0] > v["iterative_pixel_acc"][0]
+              and v["scratch_delta_m"][0] > v["iterative_delta_m"][0]]
+    assert b["holds_for"] == better and b["holds"] == (len(better) == 2)
+    expected = "holds." if b["holds"] else "holds for" if better else "does not hold here."
+    assert f"Finding (b) {expected}" in md
+    # (a)'s verdict: CosPrune must beat Taylor at the last step on both numbers for it to hold
+    if a["seeds_cosprune_higher_delta_m"] == 0 or a["seeds_cosprune_higher_pixel_acc"] == 0:
+        assert not a["holds"]
+
+
+def test_resume_reuses_finished_entries(small, tmp_path):
+    out, result = small
+    entry = out / "entries" / "s0_taylor.json"
+    stored = json.loads(entry.read_text())
+    stored["trajectory"][-1]["metrics"]["seg"]["pixel_acc"] = 1234.5  # a marker only a reused entry carries
+    entry.write_text(json.dumps(stored))
+    again = garg2023.run(scale="small", out=str(out), threads=1, resume=True)
+    assert again["trajectories"]["taylor"][0]["trajectory"][-1]["metrics"]["seg"]["pixel_acc"] == 1234.5
+    assert again["scratch"] == result["scratch"]
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    with pytest.raises(MTPruneInputError, match="scale"):
+        garg2023.run(scale="huge", out=str(tmp_path))
