@@ -58,3 +58,39 @@ class Entries:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
         return result
+
+
+def suite_config(base: dict, overrides: dict, seed: int, label: str):
+    """A suite's ``RunConfig``: ``base`` with whole keys or sections (dicts merge one level) replaced, seeded."""
+    import copy
+
+    from ..config import parse_config
+
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config({**raw, "seed": seed}, label)
+
+
+class SuiteData:
+    """What every training suite needs of one config: its tasks, datasets, an example input, a fresh model and an
+    evaluator on the validation split."""
+
+    def __init__(self, cfg) -> None:
+        from .. import recipe
+
+        self.cfg = cfg
+        self.tasks = recipe.build_tasks(cfg)
+        self.train_set, self.val_set = recipe.build_datasets(cfg, self.tasks)
+        self.x = self.val_set[0][0].unsqueeze(0)
+
+    def fresh(self) -> torch.nn.Module:
+        from .. import recipe
+
+        return recipe.build_configured_model(self.cfg, self.tasks)
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        from ..engine.evaluate import evaluate
+
+        return evaluate(model, self.val_set, self.tasks, device=self.cfg.device,
+                        batch_size=self.cfg.train.eval_batch_size)

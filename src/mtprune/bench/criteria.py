@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from .. import recipe
-from ..config import RunConfig, parse_config
-from ..engine.evaluate import evaluate
+from ..config import RunConfig
 from ..engine.trainer import Trainer
 from ..io import load as load_model
 from ..io import save as save_model
@@ -37,7 +36,7 @@ from ..pruning.prune import as_losses, count, prune
 from ..report.plots import _save, plot_widths, plt
 from ..tasks import delta_m, task_deltas
 from ..utils.atomic import atomic_write_json, atomic_write_text
-from .common import Entries, machine, results_dir
+from .common import Entries, SuiteData, machine, results_dir, suite_config
 
 TP_BASELINE = "Torch-Pruning magnitude"
 DENSE_FT = "dense, fine-tuned alike"  # control: the extra fine-tuning epochs without pruning
@@ -78,29 +77,16 @@ BASE = {
 
 
 def _config(scale: str, seed: int) -> RunConfig:
-    raw = copy.deepcopy(BASE)
-    for key, value in SCALES[scale][0].items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return parse_config({**raw, "seed": seed}, f"criteria bench ({scale})")
+    return suite_config(BASE, SCALES[scale][0], seed, f"criteria bench ({scale})")
 
 
-class _Setup:
-    """Tasks, data and the dense model of one seed (trained once, in ``runs/dense_s<seed>``)."""
+class _Setup(SuiteData):
+    """One seed's data and its dense model (trained once, in ``runs/dense_s<seed>``)."""
 
     def __init__(self, cfg: RunConfig, runs: Path) -> None:
-        self.cfg = cfg
-        self.tasks = recipe.build_tasks(cfg)
-        self.train_set, self.val_set = recipe.build_datasets(cfg, self.tasks)
-        self.x = self.val_set[0][0].unsqueeze(0)
+        super().__init__(cfg)
         self.dense_dir = runs / f"dense_s{cfg.seed}"
         self.dense_path = self.dense_dir / "dense.mtp"
-
-    def fresh(self) -> nn.Module:
-        return recipe.build_configured_model(self.cfg, self.tasks)
-
-    def evaluate(self, model: nn.Module) -> dict:
-        return evaluate(model, self.val_set, self.tasks, device=self.cfg.device,
-                        batch_size=self.cfg.train.eval_batch_size)
 
     def dense(self, resume: bool) -> dict:
         model = self.fresh()

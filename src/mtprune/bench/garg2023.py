@@ -17,7 +17,6 @@ Every (seed, dense model), (seed, criterion) and scratch retraining is a resumab
 
 from __future__ import annotations
 
-import copy
 import shutil
 import statistics
 import time
@@ -29,7 +28,6 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from .. import recipe
 from ..config import RunConfig, parse_config
 from ..engine.checkpoint import load_model_state
-from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..models.layers import init_weights
 from ..pipeline import compress
@@ -39,7 +37,7 @@ from ..report.plots import _save, plt
 from ..tasks import delta_m
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
-from .common import Entries, machine, results_dir
+from .common import Entries, SuiteData, machine, results_dir, suite_config
 
 CRITERIA = ("taylor", "cosprune")
 TASKS = ("seg", "depth", "normal")
@@ -73,26 +71,16 @@ SCALES: dict[str, dict] = {
 
 
 def _config(scale: str, seed: int) -> RunConfig:
-    raw = copy.deepcopy(BASE)
-    for key, value in SCALES[scale]["config"].items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return parse_config({**raw, "seed": seed}, f"garg2023 bench ({scale})")
+    return suite_config(BASE, SCALES[scale]["config"], seed, f"garg2023 bench ({scale})")
 
 
-class _Setup:
-    """Tasks, data and the dense model of one seed (trained once, in ``runs/s<seed>/dense``)."""
+class _Setup(SuiteData):
+    """One seed's data and its dense model (trained once, in ``runs/s<seed>/dense``)."""
 
     def __init__(self, cfg: RunConfig, runs: Path) -> None:
-        self.cfg = cfg
-        self.tasks = recipe.build_tasks(cfg)
-        self.train_set, self.val_set = recipe.build_datasets(cfg, self.tasks)
-        self.x = self.val_set[0][0].unsqueeze(0)
+        super().__init__(cfg)
         self.dir = runs / f"s{cfg.seed}"
         self.dense_dir = self.dir / "dense"
-
-    def evaluate(self, model: torch.nn.Module) -> dict:
-        return evaluate(model, self.val_set, self.tasks, device=self.cfg.device,
-                        batch_size=self.cfg.train.eval_batch_size)
 
     def train(self, model: torch.nn.Module, run_dir: Path, resume: bool) -> dict:
         """Train with the dense recipe, keep the best validation checkpoint, return its metrics and cost."""
