@@ -120,7 +120,7 @@ DEMO_CONFIG = {
     "tasks": {"preset": "synthetic_scenes"},
     "model": {"name": "deeplab_resnet34", "width": 0.25, "head": "aspp_v2", "head_kwargs": {"hidden": 128}},
     "train": {"epochs": 30, "batch_size": 16, "lr": 0.001, "optimizer": "adam", "scheduler": "cosine"},
-    "prune": {"criterion": "cosprune", "target_macs": 0.5, "schedule": "iterative", "steps": 3,
+    "prune": {"criterion": "task_taylor", "target_macs": 0.5, "schedule": "iterative", "steps": 3,
               "stats_batches": 8, "finetune": {"epochs": 4, "batch_size": 16, "lr": 0.0005}},
 }
 

@@ -93,7 +93,7 @@ class PruneSection(_Strict):
     """How to compress: criterion, exactly one target, allocation, schedule, fine-tuning."""
 
     start: str | None = None  # a run directory (its best checkpoint) or a .mtp file; default: train it first
-    criterion: str = "taylor"
+    criterion: str = "task_taylor"  # best multi-task criterion of the criteria benchmark (benchmarks/README.md)
     criterion_kwargs: dict[str, Any] = Field(default_factory=dict)
     target_macs: float | None = Field(None, gt=0, lt=1)
     target_params: float | None = Field(None, gt=0, lt=1)
