@@ -244,7 +244,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_suite
+    from .bench.common import results_dir
 
-    result = run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1, default=str)[:4000])
+    run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume)
+    folder = results_dir(args.suite, args.out)
+    reports = sorted(p.name for p in folder.glob("*.md"))
+    print(f"{args.suite}: results in {folder}" + (f" ({', '.join(reports)})" if reports else ""))
     return 0
