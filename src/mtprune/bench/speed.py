@@ -65,7 +65,10 @@ CPU_MODELS = {
     "Deeplab-ResNet-34 + ASPP-v2": ("deeplab_resnet34", "aspp_v2", {"hidden": 1024}),
     "MobileNetV2 + DeepLab-v3 ASPP": ("mobilenetv2", "deeplabv3_aspp", {"channels": 256}),
     "VGG-16 + SmallASPP": ("vgg16", "small_aspp", {"hidden": 1024}),
+    "MobileNetV2 + DeepLab-v3 ASPP, widths rounded to 16": ("mobilenetv2", "deeplabv3_aspp", {"channels": 256}),
 }
+# prune with round_to: oneDNN's depthwise and 1×1 kernels run in blocks of 8/16 channels on x86 CPUs
+ROUND_TO = {"MobileNetV2 + DeepLab-v3 ASPP, widths rounded to 16": 16}
 SMALL_MODELS = {  # the same models with thin heads of two ASPP branches (one atrous + pooling for DeepLab-v3)
     "Deeplab-ResNet-34 + ASPP-v2": ("deeplab_resnet34", "aspp_v2", {"hidden": 64, "dilations": [6, 12]}),
     "MobileNetV2 + DeepLab-v3 ASPP": ("mobilenetv2", "deeplabv3_aspp", {"channels": 64, "rates": [12]}),
@@ -151,11 +154,12 @@ def _build(spec: tuple, tasks, width: float) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------- 1. latency vs MACs
-def _latency_entry(dense: nn.Module, target: float, sc: Scale, device: torch.device) -> dict:
+def _latency_entry(dense: nn.Module, target: float, sc: Scale, device: torch.device, round_to: int = 1) -> dict:
     h, w = sc.input
     x1 = torch.zeros(1, 3, h, w)
     pruned = copy.deepcopy(dense)
-    report = prune(pruned, x1, "l1", target_macs=target, min_channels=MIN_CHANNELS, tolerance=sc.tolerance)
+    report = prune(pruned, x1, "l1", target_macs=target, min_channels=MIN_CHANNELS, tolerance=sc.tolerance,
+                   round_to=round_to)
     dense, pruned = dense.to(device), pruned.to(device).eval()
     xb = torch.rand(sc.batch, 3, h, w, device=device)
     ld, lp, ratios = _paired_latency(lambda: dense(xb), lambda: pruned(xb), sc.repeats, device)
@@ -377,8 +381,10 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
     rows = []
     for label in sc.models:
         for target in targets:
-            row = entries.get(f"latency_{scale}_{sc.models[label][0]}_{target}",
-                              lambda label=label, target=target: _latency_entry(model(label), target, sc, device))
+            r = ROUND_TO.get(label, 1)
+            row = entries.get(f"latency_{scale}_{sc.models[label][0]}{f'_round{r}' if r > 1 else ''}_{target}",
+                              lambda label=label, target=target, r=r: _latency_entry(model(label), target, sc, device,
+                                                                                     round_to=r))
             rows.append({"model": label, **row})
         dense.pop(label, None)
     first = next(iter(sc.models))
