@@ -97,7 +97,8 @@ def mfis_search(models: Mapping[str, nn.Module], data: Any, *, importance: str =
                 align: str = "activations", rate: float | Sequence[float] | None = None, pop_size: int = 100,
                 n_gen: int = 100, seed: int = 0, n_partitions: int | None = None, batch: int = 256,
                 stats_batch_size: int = 32, losses: Mapping[str, Any] | None = None, flips_per_block: float = 0.5,
-                quiet: bool = True, front: ParetoFront | None = None) -> MFISSearch:
+                quiet: bool = True, front: ParetoFront | None = None,
+                search_state: str | Path | None = None) -> MFISSearch:
     """Steps 1–2 of :func:`mfis`: statistics, alignment and the NSGA-III search (arguments as there); a given
     ``front`` (of an earlier search with the same inputs) replaces the search."""
     from ..pam import collect_batch
@@ -129,7 +130,7 @@ def mfis_search(models: Mapping[str, nn.Module], data: Any, *, importance: str =
     counts = keep_counts(land.layout(), rate)
     if front is None:
         front = solve(land, pop_size=pop_size, n_gen=n_gen, seed=seed, n_partitions=n_partitions, counts=counts,
-                      flips_per_block=flips_per_block, quiet=quiet)
+                      flips_per_block=flips_per_block, quiet=quiet, checkpoint=search_state)
     settings = {"importance": importance, "align": align, "rate": rate, "batch": int(len(x)),
                 "stats_batch_size": stats_batch_size, "seed": seed, **front.settings}
     return MFISSearch(chains, land, front, counts, quality, settings, started)
@@ -139,7 +140,8 @@ def mfis(models: Mapping[str, nn.Module], data: Any, *, importance: str = "taylo
          rate: float | Sequence[float] | None = None, pop_size: int = 100, n_gen: int = 100, seed: int = 0,
          n_partitions: int | None = None, select: str | Mapping[str, float] = "knee", batch: int = 256,
          stats_batch_size: int = 32, losses: Mapping[str, Any] | None = None, flips_per_block: float = 0.5,
-         quiet: bool = True, front: ParetoFront | None = None) -> tuple[MFISNet, MFISReport]:
+         quiet: bool = True, front: ParetoFront | None = None,
+         search_state: str | Path | None = None) -> tuple[MFISNet, MFISReport]:
     """Merge single-task chain networks with MFIS (reconstruction of Cheng et al. 2021); returns
     ``(merged_model, report)``. Fine-tune the result with ``mtprune.engine.trainer.train``.
 
@@ -159,13 +161,15 @@ def mfis(models: Mapping[str, nn.Module], data: Any, *, importance: str = "taylo
         quiet: no progress bar.
         front: the Pareto front of an earlier search on the same networks and settings, to skip the search
             (``mtprune merge --resume``).
+        search_state: a file for the NSGA-III state after each generation; a search that finds it continues
+            from it, bit-identical to an uninterrupted one (``mtprune merge --resume``).
 
     The merged model returns ``{task: output}``; ``merged(x, tasks=[...])`` runs only what those tasks need.
     """
     search = mfis_search(models, data, importance=importance, align=align, rate=rate, pop_size=pop_size,
                          n_gen=n_gen, seed=seed, n_partitions=n_partitions, batch=batch,
                          stats_batch_size=stats_batch_size, losses=losses, flips_per_block=flips_per_block,
-                         quiet=quiet, front=front)
+                         quiet=quiet, front=front, search_state=search_state)
     index = select_solution(search.front, select)
     net, report = search.build(index)
     net.train(any(m.training for m in models.values()))
@@ -306,7 +310,8 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
     5. ``report.md``, ``summary.json``, ``plots/`` (Pareto front, cost per subset) and ``mfis.mtp``.
 
     ``resume``: continue a killed run in ``run_dir``. Trainings continue from their last epoch's checkpoint; the
-    Pareto front, saved once found (``search.pt``), is not searched again; the rest is deterministic and redone.
+    Pareto front, saved once found (``search.pt``), is not searched again; a search killed before that continues
+    from its last generation (``search_state.pt``), bit-identically; the rest is deterministic and redone.
     """
     from mtprune import data as data_mod
     from mtprune.config import dump_config
@@ -361,13 +366,18 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
 
     m = cfg.merge
     search_path = run_dir / "search.pt"
+    state_path = run_dir / "search_state.pt"
     front = _load_front(search_path) if resume and search_path.is_file() else None
+    if not resume:
+        state_path.unlink(missing_ok=True)  # a fresh run searches from the start
     merged, report = mfis(singles, train_set, importance=m.importance, align=m.align, rate=m.rate,
                           pop_size=m.pop_size, n_gen=m.generations, seed=cfg.seed, n_partitions=m.partitions,
                           select=m.select, batch=m.batch, stats_batch_size=m.stats_batch_size, losses=tasks,
-                          flips_per_block=m.flips_per_block, quiet=quiet, front=front)
+                          flips_per_block=m.flips_per_block, quiet=quiet, front=front,
+                          search_state=state_path)
     if front is None:
         _save_front(search_path, report.front)
+    state_path.unlink(missing_ok=True)  # the front replaces it
     acc_merged = score(merged, tasks)
     if m.finetune.epochs > 0:
         where = run_dir / "finetune"
