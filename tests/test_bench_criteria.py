@@ -4,6 +4,7 @@ and the ``quick`` suite end to end (the CI smoke test of the benchmark harness).
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from mtprune.bench import criteria, run_suite
 from mtprune.bench.common import Entries
 from mtprune.pruning.graph import PruningGraph, torch_pruning_magnitude
 from mtprune.pruning.prune import count
+from test_reliability_resume import env, kill_after_progress, launch  # noqa: F401 (env is a fixture)
 
 
 def test_torch_pruning_baseline_prunes_uniformly_and_keeps_predictors():
@@ -92,8 +94,9 @@ def test_unknown_suite_is_an_input_error():
 
 
 @pytest.mark.quick_bench
-def test_quick_suite_runs_every_stage(tmp_path):
-    result = run_suite("quick", out=tmp_path, threads=1)
+def test_quick_suite_runs_every_stage(tmp_path, env):  # noqa: F811
+    reference = tmp_path / "reference"
+    result = run_suite("quick", out=reference, threads=1)
     summary = result["criteria"]
     assert set(summary) == {"l1", "taylor", criteria.TP_BASELINE, criteria.DENSE_FT}
     assert summary[criteria.DENSE_FT]["1.0"]["macs_kept"] == 1.0  # the control is not pruned
@@ -103,10 +106,22 @@ def test_quick_suite_runs_every_stage(tmp_path):
         assert abs(cells["0.5"]["macs_kept"] - 0.5) < 0.05, method
         assert all(abs(v[0]) < 1e6 for v in cells["0.5"]["task_delta"].values())
     for name in ("results.json", "criteria/results.md", "criteria/delta_m_vs_macs.png", "speed"):
-        assert (tmp_path / name).exists(), name
-    stored = json.loads((tmp_path / "results.json").read_text())
+        assert (reference / name).exists(), name
+    stored = json.loads((reference / "results.json").read_text())
     assert stored["seconds"]["criteria"] > 0
     # resuming reuses every finished entry: the summary is identical and nothing retrains
-    again = run_suite("quick", out=tmp_path, threads=1, resume=True)
+    again = run_suite("quick", out=reference, threads=1, resume=True)
     assert again["criteria"] == summary
     assert again["seconds"]["criteria"] < result["seconds"]["criteria"]
+    # a real `mtprune bench quick` process, SIGKILLed twice after it finished an entry, then resumed: same results
+    run, log, rng, kills = tmp_path / "run", tmp_path / "stderr.log", random.Random(3), 0
+    entries = run / "criteria" / "entries"
+    for attempt in range(2):
+        before = set(entries.glob("*.json")) if entries.is_dir() else set()
+        proc = launch(env, log, "bench", "quick", "--out", run, "--threads", "1", *(["--resume"] if attempt else []))
+        progressed = lambda b=before: entries.is_dir() and bool(set(entries.glob("*.json")) - b)  # noqa: E731
+        kills += kill_after_progress(proc, progressed, rng.uniform(0.0, 1.0))
+    assert kills >= 1, "the suite finished before it could be killed"
+    proc = launch(env, log, "bench", "quick", "--out", run, "--threads", "1", "--resume")
+    assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
+    assert json.loads((run / "results.json").read_text())["criteria"] == json.loads(json.dumps(summary))
