@@ -14,7 +14,7 @@ from mtprune.bench import criteria, run_suite
 from mtprune.bench.common import Entries
 from mtprune.pruning.graph import PruningGraph, torch_pruning_magnitude
 from mtprune.pruning.prune import count
-from test_reliability_resume import env, kill_after_progress, launch  # noqa: F401 (env is a fixture)
+from test_reliability_resume import kill_after_progress, launch
 
 
 def test_torch_pruning_baseline_prunes_uniformly_and_keeps_predictors():
@@ -94,7 +94,7 @@ def test_unknown_suite_is_an_input_error():
 
 
 @pytest.mark.quick_bench
-def test_quick_suite_runs_every_stage(tmp_path, env):  # noqa: F811
+def test_quick_suite_runs_every_stage(tmp_path, env):
     reference = tmp_path / "reference"
     result = run_suite("quick", out=reference, threads=1)
     summary = result["criteria"]

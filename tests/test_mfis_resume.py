@@ -14,10 +14,9 @@ import torch
 
 from mtprune.utils.errors import MTPruneInputError
 from test_mfis import random_landscape
-from test_reliability_resume_sparsify_merge import MFIS, cli, env, killed_after, same_files, scramble_rngs, write
+from test_reliability_resume_sparsify_merge import MFIS, cli, killed_after, same_files, scramble_rngs, write
 
 solve_mod = importlib.import_module("mtprune.merging.mfis.solve")  # the package exports a function of that name
-__all__ = ["env"]  # the fixture, imported for the CLI test
 
 torch.set_num_threads(1)
 N_GEN = 8

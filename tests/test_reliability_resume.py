@@ -40,13 +40,6 @@ POLL_S = 0.01
 START_TIMEOUT_S = 120.0
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """One cache for this test's processes (and the in-process reference); one thread each, like conftest."""
-    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
-    out = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    out.pop("PYTEST_CURRENT_TEST", None)
-    return out
 
 
 def write_config(path: Path, **sections) -> Path:

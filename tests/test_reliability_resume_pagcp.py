@@ -22,7 +22,6 @@ from helpers import tiny_run
 from mtprune.cli import main
 from test_reliability_resume import (
     assert_same_tensors,
-    env,  # noqa: F401 (fixture)
     epochs_logged,
     finish,
     kill_after_progress,
@@ -122,7 +121,7 @@ def test_pagcp_resumes_after_a_round_and_mid_finetuning_bit_exactly(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_pagcp_prune_survives_sigkill_bit_exactly(tmp_path, env):  # noqa: F811
+def test_pagcp_prune_survives_sigkill_bit_exactly(tmp_path, env):
     cfg = write_config(tmp_path / "pagcp.yaml")
     ref, run, log = tmp_path / "ref", tmp_path / "run", tmp_path / "stderr.log"
     assert prune(cfg, ref) == 0

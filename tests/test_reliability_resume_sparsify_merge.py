@@ -9,7 +9,6 @@ way the final model files must be bit-identical to an uninterrupted run's.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -57,13 +56,6 @@ MFIS = {"name": "tiny_mfis", "device": "cpu", "tasks": ["left", "right"],
 PAM_FILES = ("pam.mtp", "naive.mtp", "single_left.mtp", "single_parity.mtp")
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """One data cache for this test's runs; one thread per process."""
-    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
-    out = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    out.pop("PYTEST_CURRENT_TEST", None)
-    return out
 
 
 def write(path: Path, config: dict) -> Path:
