@@ -20,20 +20,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import tiny_run
 from mtprune.cli import main
 from mtprune.engine.checkpoint import load_checkpoint
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"name": "synthetic_scenes", "augment": True,
-             "kwargs": {"n_train": 12, "n_val": 6, "height": 32, "width": 40}},
-    "tasks": {"preset": "synthetic_scenes", "names": ["seg", "depth"]},
-    "model": {"name": "deeplab_resnet18", "width": 0.125, "head": "conv"},
-    "train": {"epochs": 12, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6, "weighting": "dwa",
-              "optimizer": "adamw", "scheduler": "cosine"},
-}
+TINY = tiny_run(train={"epochs": 12, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6, "weighting": "dwa",
+                       "optimizer": "adamw", "scheduler": "cosine"})
 PRUNE = {"criterion": "taylor", "target_macs": 0.5, "schedule": "iterative", "steps": 2, "stats_batches": 1,
          "stats_batch_size": 6, "finetune": {"epochs": 1, "batch_size": 6}}
 POLL_S = 0.01

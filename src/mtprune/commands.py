@@ -155,13 +155,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_and_run_dir(args: argparse.Namespace, section: str) -> tuple[RunConfig, Path]:
+    """The validated config of a ``prune``/``sparsify`` command (it must have ``section``) and its run directory."""
+    cfg = load_config(args.config, args.overrides)
+    if getattr(cfg, section) is None:
+        raise MTPruneInputError(f"{args.config}: no '{section}' section")
+    return cfg, recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
+                                       resume=args.resume)
+
+
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if cfg.prune is None:
-        raise MTPruneInputError(f"{args.config}: no 'prune' section")
-    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
-                                     resume=args.resume)
+    cfg, run_dir = _config_and_run_dir(args, "prune")
     summary = compress(cfg, run_dir, quiet=args.quiet, resume=args.resume)
     print_summary(summary)
     print(f"report: {run_dir / 'report.md'}")
@@ -173,11 +178,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     """Unstructured sparsification (mtprune.sparsity): DiSparse and its baselines, one method per run."""
     from .sparsity.run import run_sparsify
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.sparsify is None:
-        raise MTPruneInputError(f"{args.config}: no 'sparsify' section")
-    run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
-                                     resume=args.resume)
+    cfg, run_dir = _config_and_run_dir(args, "sparsify")
     summary = run_sparsify(cfg, run_dir, quiet=args.quiet, resume=args.resume)
     sp = summary["sparsity"]
     print_metrics(f"{sp['method']}: sparsity {sp['sparsity']:.2%} (target {sp['target']:.2%})",
