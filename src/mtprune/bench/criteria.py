@@ -36,6 +36,7 @@ from ..pruning.prune import as_losses, count, prune
 from ..report.plots import _save, plot_widths, plt
 from ..tasks import delta_m, task_deltas
 from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.runtime import seed_everything
 from .common import Entries, SuiteData, machine, results_dir, suite_config
 
 TP_BASELINE = "Torch-Pruning magnitude"
@@ -121,6 +122,7 @@ def _tp_to_macs(model: nn.Module, x: torch.Tensor, target: float) -> float:
 
 def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_dir: Path) -> dict:
     cfg, tasks, x = setup.cfg, setup.tasks, setup.x
+    seed_everything(cfg.seed)  # an entry's augmentation draws must not depend on which entries ran before it
     model = load_model(setup.dense_path, base=setup.fresh())
     dense_metrics = setup.evaluate(model)
     params0, macs0 = count(model, x)
