@@ -149,8 +149,12 @@ def test_a_round_keeps_every_task_within_its_bound():
     (rnd,) = report.rounds
     assert sum(rnd.removed.values()) > 0 and report.macs_after < report.macs_before
     assert any(layer.stopped == "violation" for layer in rnd.layers)  # the bound was binding somewhere
-    thetas = [layer.theta for layer in rnd.layers]
-    assert math.prod(1 + t for t in thetas) == pytest.approx(1.02, rel=1e-9)
+    schedule, lam = theta_schedule(None, len(rnd.layers), 1.02)
+    assert math.prod(1 + t for t in schedule) == pytest.approx(1.02, rel=1e-9) and lam == rnd.lam
+    pruned_before = 0
+    for layer in rnd.layers:  # θ advances only after a pruned layer (Ye et al.'s code)
+        assert layer.theta == schedule[pruned_before]
+        pruned_before += layer.removed > 0
     for layer in rnd.layers:  # each group's kept ratio respects its own θ_i
         assert max(layer.loss_ratio.values()) <= 1 + layer.theta + 1e-12
     after = held_out_losses(model, batches)  # independently, on the physically pruned model

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mtprune.engine.trainer as trainer_module
-import mtprune.pruning.pagcp as pagcp_module
+import mtprune.pruning.pagcp.rounds as pagcp_module
 from helpers import tiny_run
 from mtprune.cli import main
 from test_reliability_resume import (

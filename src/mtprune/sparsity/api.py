@@ -73,16 +73,18 @@ def _config(value, cls, defaults: Mapping | None = None):
         raise MTPruneInputError(f"{cls.__name__}: {err}") from None
 
 
-def sparsify(model: nn.Module, example_inputs: Tensor | None = None, method: str = "disparse_static",
+def sparsify(model: nn.Module, example_inputs: Tensor | tuple | Mapping | None = None, method: str = "disparse_static",
              sparsity: float = 0.9, *, data: Iterable | None = None, losses: Mapping | None = None,
              batches: int | None = 50, score: str | None = None, tolerance: float = 1e-3, seed: int = 0,
              train: SparseTrainConfig | Mapping | None = None, schedule: DynamicSchedule | Mapping | None = None,
-             rounds: int = 3, rewind: bool | int = False, on_update: Callable | None = None) -> SparsityResult:
+             rounds: int = 3, rewind: bool | int = False, on_update: Callable | None = None,
+             score_init: str = "model") -> SparsityResult:
     """Mask ``model``'s conv/linear weights in place to the overall ``sparsity``; returns the masks and a report.
 
     Args:
-        example_inputs: a batch (its first sample is used) to tell heads from shared layers in models that are
-            not ``MultiTaskModel`` (autograd reachability); ``None`` uses names only (``heads.<task>.``).
+        example_inputs: a batch (its first sample is used; a tensor, a tuple or a dict of tensors) to tell heads
+            from shared layers in models that are not ``MultiTaskModel`` (autograd reachability); ``None`` uses
+            names only (``heads.<task>.``).
         data, losses: batches of ``(images, {task: target})`` and ``{task: loss fn or Task}``. Every method but
             ``random``, ``magnitude`` and ``disparse_pretrained`` with ``score="magnitude"`` needs both
             (``ValueError`` otherwise).
@@ -92,7 +94,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | None = None, method: str
         train: for the methods that train (``disparse_dynamic``, ``rigl``, ``imp`` per round):
             ``SparseTrainConfig`` or its fields (steps, lr, optimizer, weight_decay, momentum, grad_clip).
         schedule: dynamic methods: ``DynamicSchedule`` or its fields (delta_t=50, t_end=75 % of the steps,
-            alpha=0.5).
+            alpha=0.5, erk_power=1.0 (the released DiSparse code: 0.9), regrowth="rank_union" (the released
+            code: "per_task_union")).
+        score_init: ``disparse_static`` only: ``"model"`` (default) scores the model as it is,
+            ``"xavier_normal"`` a copy with Xavier-normal weights, as the released DiSparse code does.
         rounds, rewind: IMP: the number of rounds; rewinding to initialisation (True) or to iteration ``rewind``.
     """
     if method not in METHODS:
@@ -103,6 +108,9 @@ def sparsify(model: nn.Module, example_inputs: Tensor | None = None, method: str
         raise MTPruneInputError(f"unknown score {score!r}; choose from {', '.join(VARIANTS)}")
     if not 0 < tolerance < 0.05:
         raise MTPruneInputError(f"tolerance must be in (0, 0.05), got {tolerance}")
+    if score_init not in disparse.SCORE_INITS or (score_init != "model" and method != "disparse_static"):
+        raise MTPruneInputError(f"score_init must be one of {list(disparse.SCORE_INITS)}, and other than 'model' "
+                                f"only with disparse_static (got {score_init!r} with {method})")
     fns = as_losses(losses) if losses else None
     tasks = list(fns) if fns else list(getattr(model, "task_names", None) or [])
     train = _config(train, SparseTrainConfig)
@@ -110,7 +118,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | None = None, method: str
     parts = layer_parts(model, example_inputs, tasks or None)
     tasks = tasks or [p for p in dict.fromkeys(parts.values()) if p != BACKBONE]
     ctx = Context(model, method, float(sparsity), tasks, parts, data, fns, batches, score, tolerance, seed, train,
-                  schedule, rounds, rewind, on_update)
+                  schedule, rounds, rewind, on_update, score_init)
     start = time.perf_counter()
     outcome = METHODS[method](ctx)
     seconds = time.perf_counter() - start

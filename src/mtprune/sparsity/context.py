@@ -29,6 +29,7 @@ class Context:
     rounds: int
     rewind: bool | int
     on_update: Callable | None = None
+    score_init: str = "model"  # disparse_static: "xavier_normal" scores a re-initialised copy (released code)
 
 
 @dataclass

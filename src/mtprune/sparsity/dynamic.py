@@ -8,12 +8,18 @@ T_end, in every sparse layer:
 2. regrow n weights among the inactive ones (those just dropped included) with the largest gradient magnitude:
    - RigL: |∂(Σ_t L_t)/∂w|;
    - DiSparse: per task, |∂L_t/∂w|. Head t uses task t's; a shared layer takes the union over tasks, i.e. the
-     candidates in order of their best per-task rank (ties: the larger sum-normalised gradient), so exactly n;
+     candidates in order of their best per-task rank (ties: the larger sum-normalised gradient), so exactly n
+     (``regrowth="rank_union"``, the default). ``regrowth="per_task_union"`` is the released code's
+     (``dynamic_disparse`` in SHI-Labs/DiSparse-Multitask-Model-Compression ``dynamic_prune.py``): each task
+     regrows its own top-n and a shared layer takes the union, so it is temporarily denser (up to T·n new
+     weights); the next update drops back to ``(1 - f) · K`` active weights (K: the layer's ERK count) before it
+     regrows, and at T_end a last drop (no regrowth) restores exactly K (the released code stops at T_end);
 3. newly grown weights start at 0 (as in RigL; the released DiSparse code revives stale values) and the
    optimizer state of every changed entry (dropped or grown) is reset.
 
-The number of active weights per layer never changes. After T_end the masks stay fixed and training goes on to
-the last iteration (the released DiSparse dynamic code crashes at T_end).
+With ``rank_union`` (and RigL) the number of active weights per layer never changes. After T_end the masks stay
+fixed and training goes on to the last iteration (the released DiSparse dynamic code crashes at T_end).
+``erk_power`` raises the ERK ratio to a power (``erk.py``; the released code: 0.9).
 
 With ``train.checkpoint`` and ``train.checkpoint_every`` (``mtprune sparsify``: one epoch), every that many
 iterations the loop (masks, optimizer, update history, RNG states) is saved; ``train.resume`` continues from there.
@@ -38,17 +44,27 @@ from .training import SparseLoop, SparseTrainConfig, reset_optimizer_state
 CHECKPOINT_KIND = "dynamic-sparse-training"
 
 
+REGROWTH = ("rank_union", "per_task_union")
+
+
 @dataclass
 class DynamicSchedule:
-    """When and how much to update: every ``delta_t`` iterations while ``0 < t < t_end``."""
+    """When and how much to update (every ``delta_t`` iterations while ``0 < t < t_end``), and how: ``erk_power``
+    of the initial ERK densities (1: RigL; 0.9: the released DiSparse code) and DiSparse's ``regrowth``
+    (``"rank_union"``: exactly n per layer; ``"per_task_union"``: each task's own top-n, united in shared layers,
+    as the released code)."""
 
     delta_t: int = 50
     t_end: int = 15000
     alpha: float = 0.5
+    erk_power: float = 1.0
+    regrowth: str = "rank_union"
 
     def __post_init__(self) -> None:
         if self.delta_t < 1 or self.t_end < 1 or not 0 < self.alpha <= 1:
             raise MTPruneInputError(f"invalid dynamic schedule {self}: need delta_t ≥ 1, t_end ≥ 1, 0 < alpha ≤ 1")
+        if self.regrowth not in REGROWTH:
+            raise MTPruneInputError(f"regrowth must be one of {list(REGROWTH)}, got {self.regrowth!r}")
 
     def fraction(self, step: int) -> float:
         """f(t) = α/2 · (1 + cos(π t / T_end)), and 0 from T_end on."""
@@ -104,13 +120,30 @@ class Update:
                 "moved": sum(int(self.grown[p].sum()) for p in self.grown)}
 
 
+def own_top_union(candidates: Tensor, grads: list[Tensor], n: int) -> Tensor:
+    """Indices of the flat ``candidates`` (bool) in the union of each gradient's own top-``n`` by |g| (the
+    released DiSparse code's regrowth: up to ``len(grads) · n`` indices)."""
+    idx = candidates.nonzero().flatten()
+    chosen = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    for g in grads:
+        top = torch.sort(g.reshape(-1)[idx].abs().double(), descending=True, stable=True).indices[:n]
+        chosen[top] = True
+    return idx[chosen]
+
+
 class DropRegrow:
-    """Mask updates of a masked model (see the module docstring); ``per_task=False`` is RigL."""
+    """Mask updates of a masked model (see the module docstring); ``per_task=False`` is RigL. ``counts``: each
+    layer's ERK count K, needed by ``regrowth="per_task_union"`` (whose shared layers may exceed it)."""
 
     def __init__(self, model: nn.Module, parts: Mapping[str, str], optimizer: torch.optim.Optimizer, *,
-                 per_task: bool, dense: Iterable[str] = ()) -> None:
+                 per_task: bool, dense: Iterable[str] = (), regrowth: str = "rank_union",
+                 counts: Mapping[str, int] | None = None) -> None:
         self.model, self.parts, self.optimizer, self.per_task = model, dict(parts), optimizer, per_task
         self.dense = set(dense)
+        self.regrowth, self.counts = regrowth, dict(counts or {})
+        if regrowth == "per_task_union" and not per_task:
+            raise MTPruneInputError("regrowth 'per_task_union' is DiSparse dynamic's; RigL regrows by the summed "
+                                    "gradient")
         self.history: list[dict] = []
 
     def _grads(self, param: str, grads: Mapping[str, Mapping[str, Tensor]]) -> list[Tensor]:
@@ -122,8 +155,9 @@ class DropRegrow:
         return [grads[part][param]]
 
     @torch.no_grad()
-    def update(self, step: int, fraction: float, grads: Mapping[str, Mapping[str, Tensor]]) -> Update:
-        """Drop and regrow in every sparse layer; ``grads``: {task: {param: ∂L_t/∂w_eff}} on one batch."""
+    def update(self, step: int, fraction: float, grads: Mapping[str, Mapping[str, Tensor]] | None) -> Update:
+        """Drop and regrow in every sparse layer; ``grads``: {task: {param: ∂L_t/∂w_eff}} on one batch, or
+        ``None`` for a last drop back to each layer's count (``per_task_union`` at T_end)."""
         record = Update(step, fraction)
         for name, module in maskable_layers(self.model).items():
             param = param_name(name)
@@ -131,14 +165,23 @@ class DropRegrow:
                 continue
             mask = module.weight_mask.bool().reshape(-1)
             active = int(mask.sum())
-            n = round(fraction * active)
-            if n == 0 or active == mask.numel():
+            union = self.regrowth == "per_task_union"
+            count = self.counts.get(param, active) if union else active
+            n = round(fraction * count)
+            drop = active - (count - n) if union else n
+            if (n == 0 and drop <= 0) if union else (n == 0 or active == mask.numel()):
                 continue
             magnitude = effective_weight(module).abs().reshape(-1).double()
             drop_order = torch.sort(torch.where(mask, magnitude, torch.inf), stable=True).indices
             after = mask.clone()
-            after[drop_order[:n]] = False
-            grow = regrowth_order(~after, [g.to(mask.device) for g in self._grads(param, grads)])[:n]
+            after[drop_order[:max(drop, 0)]] = False
+            layer_grads = [] if grads is None or n == 0 else [g.to(mask.device) for g in self._grads(param, grads)]
+            if not layer_grads:
+                grow = drop_order[:0]
+            elif union:
+                grow = own_top_union(~after, layer_grads, n)
+            else:
+                grow = regrowth_order(~after, layer_grads)[:n]
             new = after.clone()
             new[grow] = True
             shape = module.weight_mask.shape
@@ -150,12 +193,21 @@ class DropRegrow:
         self.history.append(record.summary())
         return record
 
+    def over_count(self) -> bool:
+        """Some layer holds more active weights than its count (``per_task_union`` between updates)."""
+        if self.regrowth != "per_task_union":
+            return False
+        return any(int(m.weight_mask.sum()) > self.counts.get(param_name(n), math.inf)
+                   for n, m in maskable_layers(self.model).items() if is_masked(m))
 
-def initial_masks(model: nn.Module, sparsity: float, seed: int) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """ERK densities with the first conv dense, and random masks with exactly the ERK count per layer."""
+
+def initial_masks(model: nn.Module, sparsity: float, seed: int,
+                  erk_power: float = 1.0) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """ERK densities (raw ratio to ``erk_power``) with the first conv dense, and random masks with exactly the ERK
+    count per layer."""
     shapes = maskable_params(model)
     first = first_conv(model)
-    densities = erk_densities(shapes, sparsity, dense=[first] if first else [])
+    densities = erk_densities(shapes, sparsity, dense=[first] if first else [], power=erk_power)
     counts = erk_counts(shapes, densities)
     masks = random_masks(shapes, counts, torch.Generator().manual_seed(seed))
     return masks, densities
@@ -176,11 +228,12 @@ def dynamic_sparse_training(model: nn.Module, parts: Mapping[str, str], sparsity
 
     ``on_update(update, loop)`` is called right after each update (before the next optimizer step).
     """
-    masks, densities = initial_masks(model, sparsity, seed)
+    masks, densities = initial_masks(model, sparsity, seed, schedule.erk_power)
     apply_masks(model, masks)
     dense = {p for p, d in densities.items() if d >= 1.0}
     loop = SparseLoop(model, data, losses, train)
-    updater = DropRegrow(model, parts, loop.optimizer, per_task=per_task, dense=dense)
+    updater = DropRegrow(model, parts, loop.optimizer, per_task=per_task, dense=dense, regrowth=schedule.regrowth,
+                         counts={p: int(m.sum()) for p, m in masks.items()})
     fns = as_losses(losses)
     saved = loop.resume(CHECKPOINT_KIND)
     if saved is not None:
@@ -193,8 +246,12 @@ def dynamic_sparse_training(model: nn.Module, parts: Mapping[str, str], sparsity
             record = updater.update(step, schedule.fraction(step), grads)
             if on_update is not None:
                 on_update(record, loop)
+        elif step >= schedule.t_end and updater.over_count():  # per_task_union: back to the ERK counts
+            updater.update(step, 0.0, None)
         if train.checkpoint_every and step % train.checkpoint_every == 0:
             loop.save(CHECKPOINT_KIND, updates=updater.history)
 
     loop.run(max(0, train.steps - loop.step), hook)
+    if updater.over_count():  # training ended before T_end
+        updater.update(loop.step, 0.0, None)
     return DynamicRun(updater, loop, densities)

@@ -5,6 +5,11 @@ density_l = ε · (Σ of the weight's dimensions) / (Π of the dimensions), e.g.
 that Σ_l density_l · N_l equals the budget (1 − sparsity) · N exactly; layers that would exceed density 1, and
 the layers asked to stay dense (the first conv, as in RigL and DiSparse dynamic), are dense and ε is solved
 again for the rest.
+
+``power`` raises the raw ratio to a power before ε is solved: density_l = ε · (Σ dims / Π dims)^power. The
+released DiSparse code (``googleAI_ERK(..., erk_power_scale=0.9)`` in SHI-Labs/DiSparse-Multitask-Model-Compression
+``dynamic_prune.py``) uses 0.9, which flattens the densities (small layers less dense, large ones denser); RigL's
+ERK is power 1 (the default here).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from torch import Tensor
 from ..utils.errors import MTPruneInputError
 
 
-def erk_densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float,
-                  dense: Iterable[str] = ()) -> dict[str, float]:
-    """Per-layer densities whose weighted sum is the budget: Σ density_l · N_l = (1 − sparsity) · Σ N_l."""
+def erk_densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, dense: Iterable[str] = (),
+                  power: float = 1.0) -> dict[str, float]:
+    """Per-layer densities whose weighted sum is the budget: Σ density_l · N_l = (1 − sparsity) · Σ N_l; the raw
+    ERK ratio is raised to ``power`` (0.9 in the released DiSparse code)."""
     if not 0 < sparsity < 1:
         raise MTPruneInputError(f"sparsity must be in (0, 1), got {sparsity}")
+    if isinstance(power, bool) or not (isinstance(power, int | float) and 0 < power <= 2):
+        raise MTPruneInputError(f"the ERK power must be in (0, 2], got {power!r}")
     numel = {p: math.prod(s) for p, s in shapes.items()}
-    raw = {p: sum(s) / math.prod(s) for p, s in shapes.items()}
+    raw = {p: (sum(s) / math.prod(s)) ** power for p, s in shapes.items()}
     budget = (1 - sparsity) * sum(numel.values())
     dense = set(dense)
     unknown = dense - set(shapes)

@@ -188,4 +188,17 @@ def masks_from_file(tensors: dict[str, Tensor], meta: Mapping | None, source: st
     if sorted(k[len(MASK_PREFIX):] for k in keys) != sorted(shapes):
         raise MTPruneInputError(f"{source}: the stored masks do not match the masks named in the metadata")
     rest = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-    return rest, {p: unpack(tensors[MASK_PREFIX + p], shape) for p, shape in shapes.items()}
+    out = {}
+    for p, shape in shapes.items():
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise MTPruneInputError(f"{source}: mask of layer {p!r}: shape {shape!r} is not a list of sizes")
+        want = tuple(rest[p].shape) if isinstance(rest.get(p), Tensor) else None
+        if want is not None and tuple(shape) != want:
+            raise MTPruneInputError(f"{source}: mask of layer {p!r}: shape {shape} differs from the weight's "
+                                    f"{list(want)}")
+        try:
+            out[p] = unpack(tensors[MASK_PREFIX + p], shape)
+        except MTPruneInputError as err:
+            raise MTPruneInputError(f"{source}: mask of layer {p!r}: {err}") from None
+    return rest, out

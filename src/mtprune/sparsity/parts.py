@@ -8,13 +8,14 @@ other layer is shared ("backbone"). DiSparse scores each task over the backbone 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..measure import eval_mode, part_of, task_layers
 from ..models.validate import check_multitask_output
+from ..utils.inputs import call_model, first_samples
 from .masks import maskable_layers, param_name
 
 BACKBONE = "backbone"
@@ -25,7 +26,7 @@ def _tasks_of(model: nn.Module) -> list[str]:
     return list(names) if names else []
 
 
-def layer_parts(model: nn.Module, example_inputs: Tensor | None = None,
+def layer_parts(model: nn.Module, example_inputs: Tensor | tuple | Mapping | None = None,
                 tasks: Sequence[str] | None = None) -> dict[str, str]:
     """``{"<layer>.weight": "backbone" | task}`` for every maskable weight, in module order."""
     layers = maskable_layers(model)
@@ -37,7 +38,7 @@ def layer_parts(model: nn.Module, example_inputs: Tensor | None = None,
             for p in frozen:
                 p.requires_grad_(True)
             with eval_mode(model), torch.enable_grad():
-                out = check_multitask_output(model(example_inputs[:1]))
+                out = check_multitask_output(call_model(model, first_samples(example_inputs)))
                 names = names or list(out)
                 used = task_layers(model, {t: out[t] for t in names if t in out})
         finally:

@@ -151,11 +151,11 @@ def _find_masks(cfg: RunConfig, run_dir: Path, tasks, train_set, val_set, x, *, 
                      "resume": resume}  # units: an IMP round; an epoch of dynamic sparse training
     train = _sparse_train_config(section, s.round_steps if s.method == "imp" else steps, **checkpointing)
     schedule = DynamicSchedule(delta_t=s.dynamic.delta_t, t_end=s.dynamic.t_end or max(1, round(0.75 * steps)),
-                               alpha=s.dynamic.alpha)
+                               alpha=s.dynamic.alpha, erk_power=s.dynamic.erk_power, regrowth=s.dynamic.regrowth)
     data = loader if s.method in TRAINING_METHODS else stats
     result = sparsify(model, x.to(device), s.method, s.sparsity, data=data, losses=tasks, batches=s.batches,
                       score=s.score, tolerance=s.tolerance, seed=cfg.seed, train=train, schedule=schedule,
-                      rounds=s.rounds, rewind=s.rewind)
+                      rounds=s.rounds, rewind=s.rewind, score_init=s.score_init)
     return model, result, rows, reference
 
 

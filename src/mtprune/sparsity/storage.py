@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..measure import eval_mode, measure_latency
+from ..utils.inputs import batch_size, call_model, to_device
 from .masks import copy_model, dense_copy_of_state, get_masks, remove_masks
 
 SPEED_NOTE = ("Unstructured sparsity saves storage, not time: dense conv/linear kernels multiply the zeros too. "
@@ -46,13 +47,14 @@ def stored_size(model: nn.Module, *, index_bytes: int = 4) -> dict[str, float]:
             "mtp_file_bytes_estimate": dense + sum(math.ceil(m.numel() / 8) for m in masks.values())}
 
 
-def latency(model: nn.Module, example_inputs: Tensor, *, repeats: int = 10, warmup: int = 3) -> dict[str, float]:
+def latency(model: nn.Module, example_inputs: Tensor | tuple | dict, *, repeats: int = 10,
+            warmup: int = 3) -> dict[str, float]:
     """Median forward time in ms of the masked model as it is, of a copy with the masks baked in, and (on CPU) of
     the CSR export (``sparsity.export.export_csr``), the real sparse path."""
     from .export import export_csr
 
     device = next(model.parameters()).device
-    x = example_inputs.to(device)
+    x = to_device(example_inputs, device)
     dense = copy_model(model)
     remove_masks(dense)
     nets = [("masked_ms", model), ("dense_ms", dense)]
@@ -61,9 +63,10 @@ def latency(model: nn.Module, example_inputs: Tensor, *, repeats: int = 10, warm
     out = {}
     for key, net in nets:
         with eval_mode(net), torch.inference_mode():
-            out[key] = measure_latency(lambda net=net: net(x), warmup=warmup, repeats=repeats, device=device)
+            out[key] = measure_latency(lambda net=net: call_model(net, x), warmup=warmup, repeats=repeats,
+                                       device=device)
     out["speedup"] = out["dense_ms"] / out["masked_ms"]
     if "csr_ms" in out:
         out["csr_speedup"] = out["dense_ms"] / out["csr_ms"]
-    out.update({"batch_size": int(x.shape[0]), "threads": torch.get_num_threads(), "device": str(device)})
+    out.update({"batch_size": batch_size(x), "threads": torch.get_num_threads(), "device": str(device)})
     return out
