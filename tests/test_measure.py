@@ -1,7 +1,8 @@
 """``mtprune.profile`` (mtprune.measure): parameters, MACs overall / per part / per task subset, and latency.
 
-MACs are checked against counts done by hand on small models; per-subset MACs against the backbone plus the
-heads of the subset; latency only for being measured and for recording its setting.
+MACs are checked against counts done by hand on small models, an analytic count of a torchvision ViT (attention
+included) and a hook count of resnet18's convs; per-subset MACs against the backbone plus the heads of the
+subset; latency only for being measured and for recording its setting.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mtprune
-from mtprune.measure import layer_macs
+import mtprune.pruning.prune
+from mtprune.measure import count_macs, layer_macs
 from mtprune.models import MultiTaskModel
 
 X = torch.randn(2, 3, 8, 10, generator=torch.Generator().manual_seed(0))
@@ -162,3 +165,135 @@ def test_profile_of_a_pruned_model_matches_the_prune_report() -> None:
     assert (before.macs, before.params) == (report.macs_before, report.params_before)
     assert (after.macs, after.params) == (report.macs_after, report.params_after)
     assert after.macs < before.macs
+
+
+# ---------------------------------------------------------------- what runs: functional calls and attention
+def vit_macs(image: int, patch: int, layers: int, dim: int, mlp: int, classes: dict[str, int]) -> int:
+    """Analytic per-sample MACs of torchvision's VisionTransformer with a linear head per task."""
+    patches = (image // patch) ** 2
+    tokens = patches + 1  # + class token
+    embed = patches * dim * 3 * patch * patch
+    block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * mlp
+    return embed + layers * block + sum(dim * c for c in classes.values())
+
+
+class TwoHeads(nn.Module):
+    """A single-task network's features with one linear head per task."""
+
+    def __init__(self, net: nn.Module, dim: int, classes: dict[str, int]) -> None:
+        super().__init__()
+        self.net = net
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, c) for t, c in classes.items()})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.net(x)
+        return {t: h(f) for t, h in self.heads.items()}
+
+
+def tiny_vit(classes: dict[str, int]) -> TwoHeads:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    net.heads = nn.Identity()
+    return TwoHeads(net, 32, classes)
+
+
+def test_vit_macs_equal_the_analytic_count() -> None:
+    """torchvision ViT (nn.MultiheadAttention, out_proj through F.linear, fused attention): MACs equal the
+    analytic count, whatever the mode and gradient state; out_proj is attributed to its own module."""
+    classes = {"a": 3, "b": 5}
+    model = tiny_vit(classes)
+    want = vit_macs(32, 8, 2, 32, 64, classes)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    info = mtprune.profile(model, x, latency=False)
+    assert info.macs == want
+    model.requires_grad_(False)  # the inference fast path of MultiheadAttention would hide the attention
+    with torch.no_grad():
+        assert count_macs(model, x) == want
+        assert mtprune.pruning.prune.count(model, x)[1] == want  # the count targets are measured against
+    macs, _ = layer_macs(model, x)
+    attn = "net.encoder.layers.encoder_layer_0.self_attention"
+    tokens = 17
+    assert macs[f"{attn}.out_proj"] == tokens * 32 * 32
+    assert macs[attn] == tokens * 3 * 32 * 32 + 2 * tokens * tokens * 32  # in_proj (its own weight) + QK^T, AV
+    assert info.macs_per_subset["a"] == want - 32 * 5 and info.macs_shared == want - 32 * 8
+
+
+def test_macs_are_flop_counter_flops_over_two() -> None:
+    """The total is FlopCounterMode's FLOPs / 2 on the same forward (one MAC = one multiply-add), once CPU's
+    fused attention kernel, which FlopCounterMode does not know, is given its formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtprune.measure import _extra_formulas
+
+    model = tiny_vit({"a": 3}).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as fc, torch.enable_grad():
+        model(x)
+    assert count_macs(model, x) == fc.get_total_flops() // 2 == vit_macs(32, 8, 2, 32, 64, {"a": 3})
+
+
+class Functional(nn.Module):
+    """Weights used through F.linear / F.conv2d / matmul, and nn.MultiheadAttention returning its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.proj = nn.Linear(6, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = F.conv2d(x, self.w, padding=1)  # 6 x 8 x 10
+        t = F.linear(f.flatten(2).transpose(1, 2), self.proj.weight)  # 80 tokens x 4
+        a, _ = self.attn(t, t, t, need_weights=True)  # the bmm path
+        return {"tok": a, "gram": t.transpose(1, 2) @ t}
+
+
+def test_functional_calls_and_attention_are_counted() -> None:
+    """F.conv2d on a parameter, F.linear on a module's weight, a bare matmul and MultiheadAttention's bmm path."""
+    torch.manual_seed(0)
+    macs, _ = layer_macs(Functional(), X)
+    tokens = 8 * 10
+    assert macs[""] == 80 * 6 * 27 + 4 * 4 * tokens  # the model's own weight (F.conv2d) and its matmul
+    assert macs["proj"] == tokens * 6 * 4
+    assert macs["attn"] == tokens * 3 * 4 * 4 + 2 * tokens * tokens * 4
+    assert macs["attn.out_proj"] == tokens * 4 * 4
+
+
+def test_resnet_macs_equal_a_hand_count_of_its_convs() -> None:
+    """torchvision resnet18 with two heads: MACs equal Σ over convs of out elements × in/groups × kh × kw, plus
+    the linear heads, counted here independently with forward hooks."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    net = resnet18()
+    net.fc = nn.Identity()
+    model = TwoHeads(net, 512, {"a": 3, "b": 2})
+    hand = []
+
+    def hook(m, args, out):
+        hand.append(out[0].numel() * m.weight[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    assert count_macs(model, torch.randn(3, 3, 32, 32)) == sum(hand) > 0
+
+
+def test_swin_layers_called_through_f_linear_are_counted() -> None:
+    """torchvision Swin calls its qkv and proj through F.linear (profile raised KeyError before): every layer
+    and the windowed attention products are counted, by hand."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                          num_classes=8)
+    model = TwoHeads(net, 8, {"a": 2, "b": 3})
+    macs, _ = layer_macs(model, torch.randn(2, 3, 16, 16))
+    stage1 = 16 * 16 * 48 + 4 * 2 * (4 * 4 * 16) + 16 * 16 * 16 + 2 * 16 * 16 * 64  # 16 tokens, 4 windows of 4
+    stage2 = 4 * 32 * 96 + 2 * 2 * (4 * 4 * 16) + 4 * 32 * 32 + 2 * 4 * 32 * 128  # 4 tokens, 2 heads of 16
+    assert macs["net.features.1.0.attn.qkv"] == 16 * 16 * 48 and macs["net.features.1.0.attn"] == 2 * 4 * 4 * 4 * 16
+    assert sum(macs.values()) == 16 * 16 * 48 + stage1 + 4 * 64 * 32 + stage2 + 32 * 8 + 8 * 5

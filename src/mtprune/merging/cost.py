@@ -76,7 +76,8 @@ def separate_costs(models: Mapping[str, nn.Module], example: Tensor, *, latency:
 def merged_costs(model: nn.Module, example: Tensor, *, latency: bool = True, warmup: int = 3, repeats: int = 10
                  ) -> dict[str, SubsetCost]:
     """A multi-task model that runs ``model(x, tasks=S)``: MACs of the layers S needs, latency of that call."""
-    prof = profile(model, example, latency=latency, subsets_latency=latency, warmup=warmup, repeats=repeats)
+    prof = profile(model, example, latency=latency, subsets_latency=latency, warmup=warmup, repeats=repeats,
+                   subsets=True)
     return {k: SubsetCost(v, prof.latency_per_subset_ms.get(k)) for k, v in prof.macs_per_subset.items()}
 
 
