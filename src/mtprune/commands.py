@@ -36,17 +36,17 @@ def command(name: str):
 
 
 def _console():
-    from rich.console import Console
+    from .utils.console import console
 
-    return Console()
+    return console()
 
 
 def print_metrics(title: str, metrics: dict) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("task")
-    table.add_column("metric")
+    table.add_column("task", overflow="fold")
+    table.add_column("metric", overflow="fold")
     table.add_column("value", justify="right")
     for task, values in metrics.items():
         for name, value in values.items():
@@ -76,7 +76,7 @@ def load_best(model: torch.nn.Module, run_dir: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
-                                     resume=args.resume)
+                                     resume=args.resume, config=cfg)
     _, _, _, summary = run_training(cfg, run_dir, quiet=args.quiet, resume=args.resume)
     print_metrics(f"best validation metrics (epoch {summary.best_epoch})", summary.best_metrics)
     print(f"run directory: {run_dir}")
@@ -130,11 +130,11 @@ def print_summary(summary: dict) -> None:
 
     tasks = summary["tasks"]
     table = Table(title=f"{summary['name']}: dense against pruned ({summary['criterion']}, {summary['schedule']})")
-    table.add_column("model")
+    table.add_column("model", overflow="fold")
     for t, ms in tasks.items():
-        table.add_column(f"{t} {next(iter(ms))}", justify="right")
+        table.add_column(f"{t} {next(iter(ms))}", justify="right", overflow="fold")
     for col in ("Δm %", "params (M)", "MMACs", "latency ms"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in summary["models"]:
         cells = [f"{r['metrics'][t][next(iter(ms))]:.2f}" for t, ms in tasks.items()]
         dm = f"{r['delta_m']:+.2f}" if r["delta_m"] is not None else "–"
@@ -148,7 +148,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     raw = apply_overrides(json.loads(json.dumps(DEMO_CONFIG)), args.overrides)
     raw["device"] = args.device
     cfg = parse_config(raw, "demo config")
-    run_dir = recipe.prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    run_dir = recipe.prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume,
+                                     config=cfg)
     summary = compress(cfg, run_dir, quiet=args.quiet, resume=args.resume)
     print_summary(summary)
     print(f"report: {run_dir / 'report.md'}")
@@ -161,7 +162,7 @@ def _config_and_run_dir(args: argparse.Namespace, section: str) -> tuple[RunConf
     if getattr(cfg, section) is None:
         raise MTPruneInputError(f"{args.config}: no '{section}' section")
     return cfg, recipe.prepare_run_dir(args.out or Path("runs") / cfg.name, overwrite=args.overwrite,
-                                       resume=args.resume)
+                                       resume=args.resume, config=cfg)
 
 
 @command("prune")
@@ -214,9 +215,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @command("profile")
 def cmd_profile(args: argparse.Namespace) -> int:
+    if args.json_out and Path(args.json_out).is_dir():
+        raise MTPruneInputError(f"--json {args.json_out}: is a directory; give a file name")
     _, meta = read_model(args.model)
     model = load_model(args.model)
-    shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else meta.get("input_shape")
+    shape = args.input_shape or meta.get("input_shape")
     if not shape:
         raise MTPruneInputError(f"{args.model}: no input shape stored; pass --input-shape C,H,W")
     if args.threads:
@@ -225,18 +228,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model.to(device)
-    prof = profile(model, torch.zeros(args.batch_size, *shape, device=device), subsets_latency=True)
+    x = torch.zeros(args.batch_size, *shape, device=device, dtype=_float_dtype(model))
+    from .export import profile_extras, profile_options
+
+    opts = profile_options(args)  # --tasks; --runtime onnx is checked before any work
+    try:
+        prof = profile(model, x, subsets_latency=True, **opts)
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, MTPruneInputError):
+            raise
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise MTPruneInputError(f"{args.model}: input shape {list(shape)} does not fit the model ({first})") from None
     from rich.table import Table
 
     table = Table(title=f"{args.model}: {prof.params / 1e6:.3f} M params, {prof.macs / 1e6:.1f} MMACs, "
                         f"{prof.latency_ms:.2f} ms (batch {args.batch_size}, {torch.get_num_threads()} threads)")
-    table.add_column("task subset")
+    table.add_column("task subset", overflow="fold")
     table.add_column("MMACs", justify="right")
     table.add_column("latency ms", justify="right")
     for subset, macs in prof.macs_per_subset.items():
         lat = prof.latency_per_subset_ms.get(subset)
         table.add_row(subset, f"{macs / 1e6:.1f}", f"{lat:.2f}" if lat is not None else "–")
     _console().print(table)
+    profile_extras(args, prof, model, x)  # shared / exclusive MACs, ONNX Runtime latency
     if args.json_out:
         atomic_write_json(args.json_out, prof.to_dict())
     return 0
@@ -247,8 +261,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_suite
     from .bench.common import results_dir
 
+    check_bench_scale(results_dir(args.suite, args.out), args.scale, resume=args.resume)
     run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume)
     folder = results_dir(args.suite, args.out)
     reports = sorted(p.name for p in folder.glob("*.md"))
     print(f"{args.suite}: results in {folder}" + (f" ({', '.join(reports)})" if reports else ""))
     return 0
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (float32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+BENCH_SCALE_FILE = ".scale"
+
+
+def check_bench_scale(folder: Path, scale: str, *, resume: bool) -> None:
+    """Record the ``--scale`` of a suite's entries in ``<folder>/entries/.scale``; ``--resume`` refuses entries
+    made at another scale (a suite resumed at another scale would mix results of different models)."""
+    entries = Path(folder) / "entries"
+    marker = entries / BENCH_SCALE_FILE
+    if resume and marker.is_file():
+        stored = marker.read_text(encoding="utf-8").strip()
+        if stored != scale:
+            raise MTPruneInputError(f"bench --resume: the entries in {entries} were made at --scale {stored}, not "
+                                    f"{scale}; resume with --scale {stored}, or run without --resume to redo them")
+    entries.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, scale + "\n")

@@ -14,6 +14,78 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .utils.errors import MTPruneInputError
 
+# A config expanded through YAML aliases may hold at most this many values (a "billion laughs" alias bomb of a
+# few hundred bytes would otherwise expand to billions when validated).
+MAX_YAML_NODES = 100_000
+
+
+class _YAMLRefused(yaml.YAMLError):
+    """A YAML document refused by ``StrictLoader`` (duplicate key, too large once aliases are expanded)."""
+
+    def __init__(self, problem: str, mark: Any = None) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys and documents whose alias expansion exceeds
+    ``MAX_YAML_NODES`` values."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+                if duplicate:
+                    raise _YAMLRefused(f"duplicate key {_printable(str(key))!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values of the document with every alias expanded (memoised per node, so it is fast)."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not done and id(node) in entered:
+            raise _YAMLRefused("an alias refers to a value that contains it (a recursive structure)",
+                               node.start_mark)
+        entered.add(id(node))
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes.get(id(c), 0) for c in children), MAX_YAML_NODES + 1)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    if sizes[id(root)] > MAX_YAML_NODES:
+        raise _YAMLRefused(f"more than {MAX_YAML_NODES} values once its aliases are expanded (an alias bomb?)",
+                           root.start_mark)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with ``StrictLoader`` (no Python tags, no duplicate keys, bounded alias expansion)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except RecursionError:
+        raise _YAMLRefused("nested too deeply") from None
+
 
 class _Strict(BaseModel):
     # unknown keys are errors; so are NaN and infinite numbers (an ``lr: .inf`` would only fail hours later)
@@ -76,6 +148,7 @@ class PAGCPSection(_Strict):
     probe_ratio: float = Field(0.3, gt=0, lt=1)
     ratios: list[float] | None = None  # trial ratios; default 0.05 … 0.95 in 19 steps
     top_p: float = Field(0.5, gt=0, le=1)
+    ranking: Literal["worst_task", "total_loss"] = "worst_task"  # top-P; "total_loss": the authors' code
     rounds: int = Field(5, ge=1)
     held_out_batches: int = Field(4, ge=1)
 
@@ -97,13 +170,16 @@ class PruneSection(_Strict):
     criterion_kwargs: dict[str, Any] = Field(default_factory=dict)
     target_macs: float | None = Field(None, gt=0, lt=1)
     target_params: float | None = Field(None, gt=0, lt=1)
+    target_latency: float | None = Field(None, gt=0, lt=1)  # fraction of the dense latency (docs/latency.md)
+    target_latency_ms: float | None = Field(None, gt=0)  # milliseconds on the device of `latency`
+    latency: dict[str, Any] = Field(default_factory=dict)  # LatencySetting fields: device, threads, batch, dtype, …
     channel_ratio: float | None = Field(None, gt=0, lt=1)
     schedule: Literal["one_shot", "iterative", "interleaved"] = "iterative"
     steps: int = Field(3, ge=1)
     allocator: Literal["global", "layer", "pagcp"] = "global"
     pagcp: PAGCPSection = Field(default_factory=PAGCPSection)
     min_channels: int = Field(5, ge=1)
-    round_to: int = Field(1, ge=1)
+    round_to: int | dict[str, int] | Literal["auto"] = 1  # or per layer kind, or the device's channel blocking
     part_ratios: dict[str, float] = Field(default_factory=dict)
     stats_batches: int = Field(8, ge=1)
     stats_batch_size: int = Field(8, ge=1)
@@ -116,9 +192,15 @@ class PruneSection(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneSection:
-        given = [k for k in ("target_macs", "target_params", "channel_ratio") if getattr(self, k) is not None]
+        given = [k for k in ("target_macs", "target_params", "target_latency", "target_latency_ms", "channel_ratio")
+                 if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of target_macs, target_params, channel_ratio (got {given or 'none'})")
+            raise ValueError("give exactly one of target_macs, target_params, target_latency, target_latency_ms, "
+                             f"channel_ratio (got {given or 'none'})")
+        if isinstance(self.round_to, int) and self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if given[0].startswith("target_latency") and self.schedule == "interleaved":
+            raise ValueError("a latency target needs schedule 'one_shot' or 'iterative' (not 'interleaved')")
         if self.schedule != "one_shot" and self.channel_ratio is not None:
             raise ValueError(f"schedule {self.schedule!r} needs target_macs or target_params")
         if self.allocator == "pagcp" and (self.target_macs is None or self.schedule == "interleaved"):
@@ -137,6 +219,9 @@ class DynamicSection(_Strict):
     delta_t: int = Field(50, ge=1)
     t_end: int | None = Field(None, ge=1)  # None: 75 % of the training iterations
     alpha: float = Field(0.5, gt=0, le=1)  # drop fraction at the start, cosine-decayed to 0 at t_end
+    erk_power: float = Field(1.0, gt=0, le=2)  # ERK ratio to this power: 1 as RigL; the released DiSparse code 0.9
+    # DiSparse regrowth: "rank_union" exactly n per layer; "per_task_union" each task's top-n, united (released code)
+    regrowth: Literal["rank_union", "per_task_union"] = "rank_union"
 
 
 class SparsifySection(_Strict):
@@ -146,6 +231,7 @@ class SparsifySection(_Strict):
     method: SPARSIFY_METHODS = "disparse_static"
     sparsity: float = Field(0.9, gt=0, lt=1)  # overall, over every conv/linear weight (heads included)
     score: Literal["snip", "pretrained", "magnitude"] | None = None  # None: the method's own
+    score_init: Literal["model", "xavier_normal"] = "model"  # disparse_static: "xavier_normal" as the released code
     batches: int = Field(50, ge=1)  # batches of statistics for the scores
     batch_size: int = Field(8, ge=1)  # of the statistics batches
     tolerance: float = Field(0.001, gt=0, lt=0.05)  # of the overall sparsity (DiSparse's keep-ratio search)
@@ -159,6 +245,8 @@ class SparsifySection(_Strict):
     def _rewind(self) -> SparsifySection:
         if not isinstance(self.rewind, bool) and self.rewind < 0:
             raise ValueError("rewind must be true/false or an iteration ≥ 0")
+        if self.score_init != "model" and self.method != "disparse_static":
+            raise ValueError(f"score_init {self.score_init!r} applies to disparse_static only")
         return self
 
 
@@ -204,7 +292,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise MTPruneInputError(f"--set {item!r}: '{part}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = yaml_load(value)
         except yaml.YAMLError as err:
             problem = _printable(str(getattr(err, "problem", None) or type(err).__name__))
             raise MTPruneInputError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
@@ -217,9 +305,71 @@ def parse_config(raw: Any, source: str = "config", schema: type[BaseModel] = Run
     if not isinstance(raw, dict):
         raise MTPruneInputError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     try:
-        return schema.model_validate(raw)
+        cfg = schema.model_validate(raw)
     except ValidationError as err:
         raise MTPruneInputError(_format_error(err, source)) from None
+    if isinstance(cfg, RunConfig):
+        check_run_config(cfg, source)
+    return cfg
+
+
+def _kwargs_error(where: str, fn: Any, kwargs: dict[str, Any], err: Exception) -> str:
+    import inspect
+
+    try:
+        accepted = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
+                    or p.kind is p.POSITIONAL_OR_KEYWORD]
+    except (TypeError, ValueError):
+        accepted = []
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted or not kwargs else []
+    if isinstance(err, TypeError) and unknown:
+        return f"config key '{where}.{unknown[0]}': unknown key (accepted: {', '.join(accepted) or 'none'})"
+    return f"config key '{where}': {_printable((str(err).splitlines() or [type(err).__name__])[0])}"
+
+
+def check_run_config(cfg: RunConfig, source: str = "config") -> None:
+    """What the schema cannot see, checked before any work starts: the device, the task preset's keyword
+    arguments, the pruning criterion and its arguments, and the parts that ``prune.part_ratios`` names."""
+    from .utils.runtime import check_device
+
+    try:
+        check_device(cfg.device)
+    except MTPruneInputError as err:
+        raise MTPruneInputError(f"{source}: config key 'device': {err}") from None
+    from .tasks.presets import PRESETS, preset
+
+    tasks = None
+    if cfg.tasks.preset in PRESETS:
+        try:
+            tasks = preset(cfg.tasks.preset, **cfg.tasks.kwargs)
+        except (TypeError, ValueError) as err:
+            msg = _kwargs_error("tasks.kwargs", PRESETS[cfg.tasks.preset], cfg.tasks.kwargs, err)
+            raise MTPruneInputError(f"{source}: {msg}") from None
+    p = cfg.prune
+    if p is None:
+        return
+    from .pruning.criteria import CRITERIA, get_criterion
+
+    if p.criterion not in CRITERIA:
+        raise MTPruneInputError(f"{source}: config key 'prune.criterion': unknown criterion {p.criterion!r}; "
+                                f"known: {', '.join(CRITERIA)}")
+    try:
+        get_criterion(p.criterion, seed=cfg.seed, **p.criterion_kwargs)
+    except (TypeError, ValueError) as err:
+        msg = _kwargs_error("prune.criterion_kwargs", CRITERIA[p.criterion], p.criterion_kwargs, err)
+        raise MTPruneInputError(f"{source}: {msg}") from None
+    bad = {k: v for k, v in p.part_ratios.items() if not 0 <= v < 1}
+    if bad:
+        raise MTPruneInputError(f"{source}: config key 'prune.part_ratios': fractions must be in [0, 1), got {bad}")
+    if tasks is not None:
+        parts = {"backbone", *(cfg.tasks.names or tasks)}
+        unknown = sorted(set(p.part_ratios) - parts)
+        if unknown:
+            raise MTPruneInputError(f"{source}: config key 'prune.part_ratios.{unknown[0]}': not a part of the "
+                                    f"model (parts: {', '.join(sorted(parts))})")
+    if p.part_ratios and p.allocator == "pagcp":
+        raise MTPruneInputError(f"{source}: config key 'prune.part_ratios': allocator 'pagcp' allocates per "
+                                "layer itself; part_ratios do not apply")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] = RunConfig):
@@ -234,11 +384,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema: ty
     except OSError as err:
         raise MTPruneInputError(f"{path}: cannot read the config ({err.strerror or err})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         problem = _printable(str(getattr(err, "problem", None) or err))
+        if isinstance(err, _YAMLRefused):
+            raise MTPruneInputError(f"{path}: refused YAML{at}: {problem}") from None
         raise MTPruneInputError(f"{path}: not valid YAML{at} ({err.__class__.__name__}: {problem})") from None
     if raw is None:
         raw = {}

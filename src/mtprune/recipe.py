@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from .config import RunConfig
 from .engine.trainer import TrainConfig
 from .models import build_model
 from .tasks import Task, preset
-from .utils.atomic import remove_stale_temporaries
+from .utils.bounds import check_model_size
 from .utils.errors import MTPruneInputError
 from .utils.runtime import resolve_device
 
@@ -49,11 +48,13 @@ def build_datasets(cfg: RunConfig, tasks: dict[str, Task]):
 def build_configured_model(cfg: RunConfig, tasks: dict[str, Task]) -> nn.Module:
     """The configured model, initialised from ``cfg.seed``: the same config gives the same initial weights in
     every process (a run, and its resumption, are reproducible). The global RNG state is left untouched."""
+    kwargs = {"width": cfg.model.width, "head": cfg.model.head, "head_kwargs": cfg.model.head_kwargs or None,
+              **cfg.model.kwargs}
+    heads = {n: t.out_channels for n, t in tasks.items()}
+    check_model_size(lambda: build_model(cfg.model.name, heads, **kwargs), "config key 'model'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model.name, {n: t.out_channels for n, t in tasks.items()},
-                           width=cfg.model.width, head=cfg.model.head, head_kwargs=cfg.model.head_kwargs or None,
-                           **cfg.model.kwargs)
+        return build_model(cfg.model.name, heads, **kwargs)
 
 
 def train_options(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> TrainConfig:
@@ -70,18 +71,10 @@ def train_options(cfg: RunConfig, *, quiet: bool = False, resume: bool = False) 
     )
 
 
-def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """A fresh run directory. An existing, non-empty one is refused unless resuming or ``overwrite``.
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False,
+                    config=None) -> Path:
+    """A run directory, locked for this process (``mtprune.utils.rundir.prepare_run_dir``): an existing one is
+    refused unless resuming (with unchanged settings) or ``overwrite`` of a directory mtprune made."""
+    from .utils.rundir import prepare_run_dir as prepare
 
-    Resuming removes the temporary files that writes killed mid-way left behind.
-    """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not resume:
-        if not overwrite:
-            raise MTPruneInputError(f"run directory {path} already exists; pass --resume to continue it "
-                                    "or --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if resume:
-        remove_stale_temporaries(path)
-    return path
+    return prepare(path, overwrite=overwrite, resume=resume, config=config)

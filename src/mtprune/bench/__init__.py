@@ -19,7 +19,22 @@ SUITES: dict[str, str] = {
     "speed": "speed",
     "pam": "merge_suites",
     "mfis": "merge_suites",
+    "vit": "vit",
+    "latency_quality": "latency_quality",
 }
+# One line per suite for ``mtprune bench --help``.
+DESCRIPTIONS: dict[str, str] = {
+    "quick": "smoke test of the harness (criteria and speed at small scale), about a minute",
+    "criteria": "every structured-pruning criterion side by side on synthetic_scenes, Δm against MACs",
+    "garg2023": "Garg et al. 2023: metric against parameters, iterative pruning against retraining from scratch",
+    "disparse2022": "DiSparse (Sun et al. 2022) against its baselines at 50/70/90 % sparsity",
+    "speed": "latency bought by removed MACs, sparse storage, and the statistics engine's time and memory",
+    "pam": "PAM merging (He et al. 2021) on multidigits, LeNet-5 and VGG-16, 2 and 3 tasks",
+    "mfis": "MFIS merging (Cheng et al. 2021) against PAM and no merging on multidigits",
+    "latency_quality": "Δm at equal latency (latency target) against equal MACs, fine-tuned alike, criteria testbed",
+    "vit": "head-aware ViT pruning (l1, taylor) against Torch-Pruning's ViT recipe at equal MACs, on multidigits",
+}
+SCALES = ("small", "cpu", "gpu")  # every suite's --scale choices
 
 
 def run_suite(name: str, **kw) -> dict:

@@ -35,6 +35,8 @@ def image_to_tensor(arr: np.ndarray, path: str | Path) -> Tensor:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise MTPruneInputError(f"{path}: expected an image of shape (H, W, 3), got shape {arr.shape}")
+    if np.iscomplexobj(arr):
+        raise MTPruneInputError(f"{path}: image has complex dtype {arr.dtype}; expected real numbers")
     if arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 255.0
     elif np.issubdtype(arr.dtype, np.number):
@@ -54,8 +56,8 @@ def dense_to_tensor(arr: np.ndarray, kind: str, path: str | Path) -> Tensor:
     seg: int64 ``[H, W]`` (−1 kept); depth/edge: float32 ``[1, H, W]``; normal: float32 ``[3, H, W]``.
     Non-finite depth or normal values become the invalid value 0; in edges and label maps they are refused.
     """
-    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
-        raise MTPruneInputError(f"{path}: {kind} target has non-numeric dtype {arr.dtype}")
+    if (not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_) or np.iscomplexobj(arr):
+        raise MTPruneInputError(f"{path}: {kind} target has non-real dtype {arr.dtype}")
     if kind == "seg":
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..utils.bounds import check_npy_header
 from ..utils.errors import MTPruneInputError
 
 _LABEL_MODES = ("1", "L", "P", "I", "I;16")
@@ -29,6 +30,7 @@ def require_file(path: Path) -> Path:
 def read_npy(path: Path) -> np.ndarray:
     """``np.load`` without pickles."""
     require_file(path)
+    check_npy_header(path)  # a header claiming more data than the file holds is refused before allocating
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:

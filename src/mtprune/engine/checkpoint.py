@@ -48,6 +48,10 @@ def load_model_state(model: torch.nn.Module, path: str | Path) -> dict[str, Any]
     A file that is not a checkpoint, or whose weights do not fit ``model``, is an input error naming the file.
     """
     payload = load_checkpoint(path)
+    from ..utils.statedict import check_state_fits
+
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        check_state_fits(model, payload["model"], f"{path}: the checkpoint's model weights")
     try:
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError, TypeError, ValueError) as err:

@@ -1,7 +1,13 @@
 """Run logging: ``metrics.jsonl`` (one JSON line per epoch), TensorBoard under ``run_dir/tb``, a progress bar.
 
 Only the main rank logs. Each JSONL record is appended with one write + fsync, so a crash never leaves half
-a line; on resume, records of epochs the checkpoint does not cover are dropped.
+a line; on resume, records of epochs the checkpoint does not cover are dropped. A damaged ``metrics.jsonl``
+(edited by hand, or cut by a full disk) is handled on resume: an unreadable *last* line is dropped (it can only
+be a cut write) and the run goes on; an unreadable line before the last is an input error naming the file and
+the line.
+
+When stdout is not a terminal (a file, a pipe, a CI log) and ``--quiet`` is not given, the command line turns on
+``set_progress_lines``: every logged epoch then prints one line with its losses and metrics.
 """
 
 from __future__ import annotations
@@ -16,8 +22,32 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.atomic import append_line, atomic_write_text
+from ..utils.errors import MTPruneInputError
 
 log = logging.getLogger("mtprune")
+_progress_lines = False
+
+
+def set_progress_lines(enabled: bool) -> None:
+    """Print one line per logged epoch on stdout (for non-interactive output; the CLI decides)."""
+    global _progress_lines
+    _progress_lines = bool(enabled)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def epoch_line(where: str, record: Mapping[str, Any]) -> str:
+    """``runs/x: epoch 3: train_loss seg=0.41 depth=0.12 | val seg.miou=31.2 ... | 2.1s``."""
+    parts = [f"{where}: epoch {record.get('epoch')}"]
+    for key in ("train_loss", "val"):
+        flat = dict(_scalars(record[key])) if isinstance(record.get(key), Mapping) else {}
+        if flat:
+            parts.append(f"{key} " + " ".join(f"{k.replace('/', '.')}={_fmt(v)}" for k, v in flat.items()))
+    if isinstance(record.get("time"), int | float):
+        parts.append(f"{record['time']:.1f}s")
+    return " | ".join(parts)
 
 
 def _clean(value: Any) -> Any:
@@ -61,6 +91,8 @@ class RunLogger:
         if not self.enabled:
             return
         append_line(self.path, json.dumps(_clean(record), sort_keys=True, allow_nan=False))
+        if _progress_lines:
+            print(epoch_line(str(self.path.parent), record), flush=True)
         if self.writer is not None:
             for tag, value in _scalars(record):
                 self.writer.add_scalar(tag, value, global_step=int(record["epoch"]))
@@ -76,8 +108,8 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=epoch + 1)
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = [ln for i, ln in enumerate(lines) if ln.strip() and _epoch_of(ln, self.path, i, len(lines)) <= epoch]
         if len(kept) != len(lines):
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
 
@@ -85,6 +117,22 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _epoch_of(line: str, path: Path, index: int, count: int) -> float:
+    """The epoch of one ``metrics.jsonl`` line; an unreadable last line counts as past every epoch (dropped)."""
+    try:
+        record = json.loads(line)
+        epoch = record.get("epoch", 0) if isinstance(record, dict) else None
+        if isinstance(epoch, int | float) and not isinstance(epoch, bool):
+            return epoch
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    if index == count - 1:
+        log.warning("%s: dropped an unreadable last line (a cut write)", path)
+        return math.inf
+    raise MTPruneInputError(f"{path}: line {index + 1} is not a metrics record (damaged file); repair or delete "
+                            "that line, or start the run again with --overwrite")
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -109,6 +109,9 @@ class Task(ABC):
     def check_labels(self, target: Tensor) -> Tensor:
         """Class labels as int64; a label at or above the class count is refused (−1 means ignore)."""
         target = target.long()
+        if target.numel() and int(target.min()) < -1:
+            raise MTPruneInputError(f"task {self.name!r}: label {int(target.min())} is negative (only -1, "
+                                    "meaning ignore, is allowed)")
         if target.numel() and int(target.max()) >= self.out_channels:
             raise MTPruneInputError(
                 f"task {self.name!r}: label {int(target.max())} is out of range for {self.out_channels} classes"

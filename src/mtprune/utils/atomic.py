@@ -5,6 +5,7 @@ A reader therefore sees either the old file or the complete new one, never a hal
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -18,20 +19,51 @@ from typing import Any
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only folder, a file where a folder should be: name the target
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError of its zip writer
+            if not _is_write_failure(err):
+                raise
+            raise _write_error(path, err) from err
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:  # name the file being written, not its temporary
+        if err.filename == str(path):
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text
+
+
+def _write_error(path: Path, err: RuntimeError) -> OSError:
+    """An ``OSError`` naming ``path`` for a write that failed inside a library: ENOSPC when the file system is
+    (nearly) full, else EIO with the library's first line."""
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    first = (str(err).splitlines() or ["write failed"])[0]
+    return OSError(errno.EIO, f"write failed ({first})", str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -56,12 +88,18 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one complete line with a single write and fsync (a JSONL record is never split)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:  # name the file (os.write's errors carry no file name)
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:

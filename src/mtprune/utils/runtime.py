@@ -12,6 +12,28 @@ import torch
 from torch import nn
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device name that is not ``auto``, ``cpu``, ``cuda``/``cuda:N`` or ``mps``, or that this machine
+    does not have (``MTPruneInputError`` naming it)."""
+    from .errors import MTPruneInputError
+
+    if device in (None, "auto"):
+        return
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError):
+        raise MTPruneInputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise MTPruneInputError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MTPruneInputError(f"device {device!r} was asked for but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MTPruneInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MTPruneInputError(f"device {device!r} was asked for but MPS is not available")
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present (the local rank's GPU under torchrun), else CPU."""
     if isinstance(device, torch.device):
@@ -20,10 +42,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        from .errors import MTPruneInputError
-
-        raise MTPruneInputError(f"device {device!r} was asked for but CUDA is not available")
+    check_device(device)
     return torch.device(device)
 
 

@@ -23,7 +23,7 @@ from mtprune.utils.errors import MTPruneInputError
 from ..merged_net import MergedStage, TaskBranch
 from .build import MFISNet, SlotGroup
 
-__all__ = ["describe_op", "describe_stages", "load_mfis", "rebuild_mfis"]
+__all__ = ["build_stage", "describe_op", "describe_stage", "describe_stages", "load_mfis", "rebuild_mfis"]
 
 FORMAT_VERSION = 1
 _POOL = ("kernel_size", "stride", "padding", "ceil_mode")
@@ -81,12 +81,12 @@ def _build_op(desc: Any) -> nn.Module:
     return cls(**args)
 
 
-def _describe_stage(stage: MergedStage) -> dict[str, Any]:
+def describe_stage(stage: MergedStage) -> dict[str, Any]:
     return {"pre": [describe_op(op) for op in stage.pre], "layer": describe_op(stage.layer),
             "post": [describe_op(op) for op in stage.post]}
 
 
-def _build_stage(desc: Any) -> MergedStage:
+def build_stage(desc: Any) -> MergedStage:
     if not isinstance(desc, Mapping) or not {"pre", "layer", "post"} <= set(desc):
         raise MTPruneInputError("an MFIS stage description needs 'pre', 'layer' and 'post'")
     layer = _build_op(desc["layer"])
@@ -97,8 +97,8 @@ def _build_stage(desc: Any) -> MergedStage:
 
 def describe_stages(net: MFISNet) -> dict[str, Any]:
     """Every stage of ``net`` as plain data: ``{group key: stage}`` and ``{"out:<task>": output layer}``."""
-    out = {g.key: _describe_stage(net.stage(g)) for g in net.groups()}
-    out.update({f"out:{t}": _describe_stage(net.heads[t].out) for t in net.tasks})
+    out = {g.key: describe_stage(net.stage(g)) for g in net.groups()}
+    out.update({f"out:{t}": describe_stage(net.heads[t].out) for t in net.tasks})
     return out
 
 
@@ -126,10 +126,10 @@ def rebuild_mfis(structure: Mapping[str, Any]) -> MFISNet:
                 owner = tasks[users.bit_length() - 1] if users and users & (users - 1) == 0 else None
                 group = SlotGroup(k, _mask(g["tasks"], tasks), users, tuple(int(s) for s in g["slots"]),
                                   str(g["key"]), tuple(str(i) for i in g["inputs"]), owner)
-                (shared if owner is None else exclusive[owner])[group.key] = _build_stage(stages[group.key])
+                (shared if owner is None else exclusive[owner])[group.key] = build_stage(stages[group.key])
                 groups.append(group)
             plan.append(groups)
-        heads = {t: TaskBranch(exclusive[t], _build_stage(stages[f"out:{t}"])) for t in tasks}
+        heads = {t: TaskBranch(exclusive[t], build_stage(stages[f"out:{t}"])) for t in tasks}
         return MFISNet(tasks, plan, shared, heads, structure["head_inputs"], structure["widths"],
                        structure.get("layer_names", ()))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -145,10 +145,15 @@ def load_mfis(path: str | Path) -> MFISNet:
     if not isinstance(structure, Mapping) or "modules" not in structure:
         raise MTPruneInputError(f"{path}: not an MFIS network saved with its structure (metadata extra.mfis with "
                                 "'modules'); rebuild the model yourself and pass it to mtprune.io.load(base=...)")
+    from mtprune.utils.bounds import check_model_size
+    from mtprune.utils.statedict import check_state_fits
+
     try:
+        check_model_size(lambda: rebuild_mfis(structure), "MFIS network description")
         net = rebuild_mfis(structure)
     except MTPruneInputError as err:
         raise MTPruneInputError(f"{path}: {err}") from None
+    check_state_fits(net, tensors, str(path))
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
