@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from ..models.validate import check_multitask_output
 from ..tasks.base import Task
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import to_device
 
 
 def unpack_batch(batch: Any, tasks: Sequence[str], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
@@ -28,7 +29,7 @@ def unpack_batch(batch: Any, tasks: Sequence[str], device: torch.device) -> tupl
         raise MTPruneInputError(f"the data's targets must be tensors, got {wrong}")
     non_blocking = device.type == "cuda"
     return (
-        images.to(device, non_blocking=non_blocking),
+        to_device(images, device, non_blocking=non_blocking),
         {t: targets[t].to(device, non_blocking=non_blocking) for t in tasks},
     )
 
@@ -46,7 +47,13 @@ def task_outputs(out: Any, tasks: Sequence[str]) -> dict[str, Tensor]:
 
 
 def check_images(images: Any) -> None:
-    """Images must be a floating-point tensor without NaN or Inf (the sample contract, docs/internals.md)."""
+    """Images must be a floating-point tensor without NaN or Inf (the sample contract, docs/internals.md); a model
+    with several inputs takes a tuple or dict of such tensors (``utils.inputs``)."""
+    parts = list(images.values()) if isinstance(images, Mapping) else images
+    if isinstance(parts, list | tuple) and parts and all(isinstance(p, Tensor) for p in parts):
+        for part in parts:
+            check_images(part)
+        return
     if not isinstance(images, Tensor):
         raise MTPruneInputError(f"the data's images must be a tensor, got {type(images).__name__}")
     if not images.is_floating_point():

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..tasks.base import Meter, Task
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import batch_size as samples_in
+from ..utils.inputs import call_model
 from ..utils.runtime import eval_mode as restoring_modes
 from .batch import check_targets, collate, task_outputs, unpack_batch
 from .distributed import ShardSampler, all_reduce_sum, is_distributed, rank_device
@@ -83,9 +85,9 @@ def evaluate(
         for batch in loader:
             images, targets = unpack_batch(batch, names, dev)
             with torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
-                outputs = task_outputs(model(images), names)
+                outputs = task_outputs(call_model(model, images), names)
             check_targets(tasks, outputs, targets)
-            n = images.shape[0]
+            n = samples_in(images)
             for i, t in enumerate(names):
                 pred = outputs[t].float()
                 meters[t].update(pred, targets[t])
