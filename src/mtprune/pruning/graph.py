@@ -25,10 +25,24 @@ optimizers (and any other object holding parameter references) after** :meth:`Pr
 Scope: Conv (1-D/2-D/3-D, transposed, depthwise) and Linear layers with BatchNorm/GroupNorm/InstanceNorm/
 LayerNorm/PReLU, joined by residual adds, concatenations, splits, upsampling, pooling and flatten. Groups touching
 a grouped convolution that is not depthwise (``1 < groups`` and not ``groups == in == out``) are left unpruned.
+
+**Validation** (every group is checked before anything is removed; what cannot be pruned safely is left alone,
+with the reason in :attr:`PruningGraph.skipped`):
+
+- a channel map that is not one-to-one (a ``view``/``reshape`` that folds channels together, e.g. MTI-Net's
+  ``view(B, C//N, N, H, W)``), or that points past a layer's width, leaves its group unpruned;
+- couplings that autograd does not show are honoured by leaving their groups alone: the channels entering a
+  ``MaxPool(return_indices=True)`` whose indices feed a ``MaxUnpool`` (SegNet) and the channels a ``MaxUnpool``
+  produces; and groups touching a layer whose ``nn.Parameter`` is tied to another layer's (pruning would untie
+  them);
+- :meth:`PruningGraph.prune` runs Torch-Pruning's ``check_pruning_group`` on every group of the plan and checks
+  every index against the layer's width before removing anything; should the pruned model still fail to run, every
+  module is restored and one :class:`MTPruneInputError` names the layers. No layer is ever left with width 0.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from mtprune.models.validate import check_multitask_output
+from mtprune.pruning import attention
 from mtprune.utils.errors import MTPruneInputError
 
 if TYPE_CHECKING:
@@ -77,6 +92,7 @@ class ChannelGroup:
     part: str  # "backbone" or the task whose head holds the producers
     out_maps: dict[str, ChannelMap] = field(default_factory=dict)  # producers and norms: group channel ↔ out channel
     in_maps: dict[str, ChannelMap] = field(default_factory=dict)  # consumers: group channel ↔ input channel(s)
+    heads: attention.HeadSpec | None = None  # attention heads a removal must respect (pruning/attention.py)
 
 
 def _is_layer(m: object) -> bool:
@@ -90,6 +106,71 @@ def _is_depthwise(m: nn.Module) -> bool:
 def _is_grouped(m: nn.Module) -> bool:
     """A grouped conv Torch-Pruning cannot prune correctly (anything with groups > 1 that is not depthwise)."""
     return isinstance(m, _CONV) and m.groups > 1 and not _is_depthwise(m)
+
+
+def _index_coupled(model: nn.Module, m: nn.Module) -> bool:
+    """An unpooling layer, or (in a model that has one) a pooling layer returning indices: their channels are
+    coupled through the indices, which autograd does not trace."""
+    pooling = nn.modules.pooling
+    if isinstance(m, pooling._MaxUnpoolNd):
+        return True
+    return isinstance(m, pooling._MaxPoolNd) and m.return_indices and any(
+        isinstance(u, pooling._MaxUnpoolNd) for u in model.modules())
+
+
+def _tied_modules(model: nn.Module) -> dict[str, str]:
+    """Module name -> the other module(s) holding one of its ``nn.Parameter`` objects (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():  # a module reused under two names is one module, not a tie
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    tied: dict[str, str] = {}
+    for names in owners.values():
+        for n in names if len(names) > 1 else ():
+            tied[n] = ", ".join(o for o in names if o != n)
+    return tied
+
+
+def _map_problems(dg: tp.DependencyGraph, modules: Mapping[str, nn.Module], channels: int,
+                  out_maps: Mapping[str, tuple[list[int], list[int]]],
+                  in_maps: Mapping[str, tuple[list[int], list[int]]]) -> list[str]:
+    """Why a group's channel maps cannot be pruned exactly ([] when they can).
+
+    Output channels (producers, norms) must map one-to-one to the group's channels; input channels may fan out
+    (a flatten: one channel -> h*w features) but no input channel may belong to two group channels; no index may
+    point past the group's or the layer's width.
+    """
+    problems = []
+    for maps, side in ((out_maps, "output"), (in_maps, "input")):
+        for name, (roots, locs) in maps.items():
+            module = modules.get(name)
+            if module is None:
+                continue
+            width = dg.get_out_channels(module) if side == "output" else dg.get_in_channels(module)
+            pairs = set(zip(roots, locs, strict=True))
+            if any(not 0 <= r < channels for r, _ in pairs):
+                problems.append(f"its channel map of {name} points past the group's {channels} channels")
+            elif width is not None and any(not 0 <= loc < width for _, loc in pairs):
+                worst = max(loc for _, loc in pairs)
+                problems.append(f"it maps channel {worst} of {name}, which has only {width} {side} channels")
+            elif len({loc for _, loc in pairs}) < len(pairs):  # some layer channel belongs to two group channels
+                problems.append(f"several of its channels map onto one {side} channel of {name} (a view or "
+                                "reshape that folds channels together), so removing one channel would remove others")
+            elif side == "output" and len({r for r, _ in pairs}) < len(pairs):
+                problems.append(f"one of its channels maps onto several output channels of {name}")
+    return problems
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module's attributes, with its parameter/buffer dicts copied: Torch-Pruning assigns new Parameter and
+    buffer objects and new widths, never edits tensors in place, so restoring these undoes a pruning step."""
+    return [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()}) for m in model.modules()]
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, attrs in snapshot:
+        vars(module).clear()
+        vars(module).update(attrs)
 
 
 def _optype(name: str) -> Any:
@@ -158,6 +239,7 @@ class PruningGraph:
             _resolve_names(model, self._parts.keys(), "parts")
         self.groups: list[ChannelGroup] = []
         self.protected: list[str] = []
+        attention.refuse_unsupported(model)  # window attention (Swin, MaxViT): one line, before any tracing
         self._build()
 
     # ------------------------------------------------------------------ tracing
@@ -168,9 +250,21 @@ class PruningGraph:
         grads = {p: p.requires_grad for p in model.parameters()}
         hooks = {m: set(m._forward_hooks) for m in model.modules()}
         holder: dict[str, Any] = {}
+        self._index_fns: dict[Any, str] = {}  # grad_fn of a pooling-with-indices / unpooling output -> module name
+        module_names = {m: n for n, m in model.named_modules()}
+
+        def note_index_op(mod: nn.Module, args: Any, out: Any) -> None:
+            t = out[0] if isinstance(out, tuple) else out
+            if isinstance(t, Tensor) and t.grad_fn is not None:
+                self._index_fns[t.grad_fn] = module_names.get(mod, type(mod).__name__)
 
         def forward_fn(m: nn.Module, inputs: Any) -> Any:
-            out = _call(m, inputs)
+            index_hooks = [mod.register_forward_hook(note_index_op) for mod in m.modules() if _index_coupled(m, mod)]
+            try:
+                out = _call(m, inputs)
+            finally:
+                for h in index_hooks:
+                    h.remove()
             try:
                 out = check_multitask_output(out)
             except MTPruneInputError as exc:  # trace nothing; raised once Torch-Pruning has removed its hooks
@@ -185,9 +279,17 @@ class PruningGraph:
             for p in grads:
                 p.requires_grad_(True)  # frozen layers must show up in autograd to be traced
             with torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(
-                    model, self.example_inputs, forward_fn=forward_fn, verbose=False
-                )
+                try:
+                    dg = tp.DependencyGraph().build_dependency(
+                        model, self.example_inputs, forward_fn=forward_fn, verbose=False
+                    )
+                except Exception as err:  # noqa: BLE001
+                    if "out" not in holder:
+                        raise  # the model's own forward failed: its error is the user's to read
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    raise MTPruneInputError(
+                        f"Torch-Pruning cannot map the channels of {type(model).__name__} "
+                        f"({type(err).__name__}: {first}); this model cannot be pruned") from err
         finally:
             for m, was in modes.items():
                 m.training = was
@@ -198,6 +300,7 @@ class PruningGraph:
                     del m._forward_hooks[k]
         if "error" in holder:
             raise holder["error"]
+        self.tasks = list(holder["out"])  # the model's output names
         outputs = {t.grad_fn for t in holder["out"].values() if t.grad_fn is not None}
         return dg, outputs
 
@@ -209,7 +312,8 @@ class PruningGraph:
         order = {n: i for i, n in enumerate(names.values())}
         self._modules = {n: m for m, n in names.items()}
 
-        untraced = [n for m, n in names.items() if _is_layer(m) and m not in dg.module2node]
+        hidden = attention.hidden_layers(model)  # MultiheadAttention.out_proj: runs through F.linear
+        untraced = [n for m, n in names.items() if _is_layer(m) and m not in dg.module2node and n not in hidden]
         if untraced:
             warnings.warn(
                 f"layers not reached when tracing the model on example_inputs: {untraced}. Every head must run "
@@ -218,9 +322,12 @@ class PruningGraph:
             )
 
         auto = self._declared_predictors()
+        self._tied = _tied_modules(model)
+        self.skipped: dict[str, str] = {}  # root -> why its group is left alone
 
         visited: set[nn.Module] = set()
         candidates: list[tuple[set[str], dict[str, Any]]] = []
+        qkv = attention.find_qkv_attention(model)
         for m, name in names.items():
             if not _is_layer(m) or m in visited or m not in dg.module2node:
                 continue
@@ -228,8 +335,14 @@ class PruningGraph:
             width = pruner.get_out_channels(m)
             if width is None:
                 continue
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+            if name in qkv:  # attention: its inner channels, rooted at the projection's input channels
+                via = self._modules[qkv[name][1]]
+                width = dg.get_pruner_of_module(via).get_in_channels(via)
+                group = dg.get_pruning_group(via, dg.get_pruner_of_module(via).prune_in_channels, list(range(width)))
+            else:
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
             info = self._describe(dg, group, name, width, names, order, output_fns)
+            self._attach_heads(info, qkv)
             for module in info["out_modules"]:
                 visited.add(module)
             if info["reaches_output"] or not info["consumers"]:
@@ -244,6 +357,9 @@ class PruningGraph:
         for out_names, info in candidates:
             if out_names & blocked or info["grouped"]:
                 continue
+            if info["unsafe"]:
+                self.skipped[info["root"]] = info["unsafe"]
+                continue
             self.groups.append(
                 ChannelGroup(
                     index=len(self.groups),
@@ -256,8 +372,35 @@ class PruningGraph:
                     part=info["part"],
                     out_maps=info["out_maps"],
                     in_maps=info["in_maps"],
+                    heads=info["heads"],
                 )
             )
+
+    def _attach_heads(self, info: dict[str, Any], qkv: Mapping[str, tuple[str, str]]) -> None:
+        """The head structure of a group holding attention (``info["heads"]``). A MultiheadAttention's
+        ``out_proj`` is one more producer, consumer and Taylor gate of its group (Torch-Pruning prunes it with the
+        attention module). Attention modules that disagree on their heads leave the group alone."""
+        try:
+            info["heads"] = attention.head_spec(self.model, info["root"], info["channels"], info["norms"], qkv)
+        except ValueError as err:
+            info["heads"] = None
+            info["unsafe"] = info.get("unsafe") or str(err)
+            return
+        root, width = info["root"], info["channels"]
+        if info["heads"] is not None and info["heads"].kind == "mha":  # out_proj (run by F.linear): in and out
+            for proj in (f"{n}.out_proj" for n in info["heads"].modules):
+                same = ChannelMap(list(range(width)), list(range(width)))
+                info["producers"].append(proj)
+                info["consumers"].append(proj)
+                info["gates"].append(proj)
+                info["out_maps"][proj] = info["in_maps"][proj] = same
+        if info["heads"] is not None and info["heads"].kind == "qkv" and info["unsafe"] == (
+                f"one of its channels maps onto several output channels of {root}"):
+            if not attention.is_qkv_map(info["out_maps"][root], width):
+                return  # not the q, k, v layout: left alone
+            rest = {n: c for n, c in info["out_maps"].items() if n != root}  # q, k, v rows of a channel: expected
+            problems = _map_problems(self._dg, self._modules, width, rest, info["in_maps"])
+            info["unsafe"] = problems[0] if problems else ""
 
     def _declared_predictors(self) -> set[str]:
         """Cross-check: the modules that zoo heads declare as ``head.predictor``."""
@@ -289,6 +432,7 @@ class PruningGraph:
         in_maps: dict[str, tuple[list[int], list[int]]] = {}
         out_modules: list[nn.Module] = []
         reaches_output = grouped = False
+        unsafe: list[str] = []
         for item in group:
             dep, idxs, roots = item.dep, list(item.idxs), list(item.root_idxs)
             node = dep.target
@@ -300,9 +444,14 @@ class PruningGraph:
             # that carries these channels to its output (not a layer that merely reads them)
             if node.type == _optype("OUTPUT") or (node.grad_fn in output_fns and (is_out or not _is_layer(module))):
                 reaches_output = True
+            op = self._index_op(node.grad_fn)
+            if op:
+                unsafe.append(op)
             if not isinstance(module, nn.Module) or module not in names:
                 continue  # Torch-Pruning's own ops (add, concat, reshape, ...) and unwrapped parameters
             name = names[module]
+            if name in self._tied:
+                unsafe.append(f"{name} shares its weights with {self._tied[name]} (tied): pruning would untie them")
             grouped = grouped or _is_grouped(module)
             if _is_layer(module) and is_in and not is_out:
                 target = in_maps
@@ -319,6 +468,7 @@ class PruningGraph:
             pairs = sorted(set(zip(pair[0], pair[1], strict=True)))
             return ChannelMap([p[0] for p in pairs], [p[1] for p in pairs])
 
+        unsafe.extend(_map_problems(dg, self._modules, width, out_maps, in_maps))
         by_order = lambda ns: sorted(ns, key=lambda n: order[n])  # noqa: E731
         producers = by_order(n for n in out_maps if _is_layer(self._modules[n]))
         producers = [root] + [n for n in producers if n != root]
@@ -337,7 +487,18 @@ class PruningGraph:
             "out_modules": out_modules,
             "reaches_output": reaches_output,
             "grouped": grouped,
+            "unsafe": unsafe[0] if unsafe else "",
         }
+
+    def _index_op(self, grad_fn: Any) -> str:
+        """Why channels through ``grad_fn`` are coupled by indices autograd does not trace ('' if they are not)."""
+        if grad_fn in self._index_fns:
+            return (f"its channels pass through {self._index_fns[grad_fn]}, tied by max-pooling indices to a "
+                    "MaxUnpool; autograd does not show that coupling, so pooled and unpooled channels would be pruned "
+                    "apart")
+        if type(grad_fn).__name__.startswith("MaxUnpool"):
+            return "its channels pass through a functional max_unpool, coupled by indices autograd does not trace"
+        return ""
 
     def _gates(
         self, dg: tp.DependencyGraph, producers: list[str], norms: set[str], names: dict[nn.Module, str]
@@ -399,6 +560,10 @@ class PruningGraph:
                     f"group {gi} ({g.root}) has {g.channels} channels; plan index out of range: "
                     f"{[i for i in chosen if not 0 <= i < g.channels]}"
                 )
+            if g.heads is not None:  # whole heads, or as many channels from every head (pruning/attention.py)
+                chosen = attention.snap_to_heads(g.heads, chosen, self.min_channels)
+                if not chosen:
+                    continue
             left = g.channels - len(chosen)
             if left < self.min_channels:
                 raise ValueError(
@@ -417,6 +582,8 @@ class PruningGraph:
             clean[gi] = chosen
         for name, gone in removed.items():
             module = self._modules[name]
+            if module not in self._dg.module2node:
+                continue  # a MultiheadAttention's out_proj: pruned with (and checked as) its attention module
             total = self._dg.get_out_channels(module)
             if total is not None and total - len(gone) < 1:
                 raise ValueError(f"the plan removes every channel of {name}")
@@ -439,25 +606,73 @@ class PruningGraph:
             return
         model = self.model
         frozen = {n: p.requires_grad for n, p in model.named_parameters()}
-        roots = [(self._modules[self.groups[gi].root], idxs) for gi, idxs in clean.items()]
-        for module, idxs in roots:  # one group at a time; Torch-Pruning re-maps concat offsets in between
-            pruner = self._dg.get_pruner_of_module(module)
-            self._dg.get_pruning_group(module, pruner.prune_out_channels, idxs).prune()
-        for n, p in model.named_parameters():  # pruned parameters come back with requires_grad=True
-            if n in frozen:
-                p.requires_grad_(frozen[n])
-        self._build()
+        roots = [(self.groups[gi], idxs) for gi, idxs in clean.items()]
+        for g, idxs in roots:  # every group is validated before anything is removed
+            self._validate(self._tp_group(g, idxs))
+        saved = _snapshot(model), dict(self.__dict__)
+        try:
+            for g, idxs in roots:  # one group at a time; Torch-Pruning re-maps concat offsets in between
+                if g.heads is not None:
+                    attention.update_heads(model, g.heads, idxs)  # num_heads / head_dim before Torch-Pruning runs
+                self._tp_group(g, idxs).prune()
+            attention.sync_widths(model)  # widths a forward reads from attributes (torchvision ViT's hidden_dim)
+            for n, p in model.named_parameters():  # pruned parameters come back with requires_grad=True
+                if n in frozen:
+                    p.requires_grad_(frozen[n])
+            self._build()  # traces the pruned model: a forward pass that fails here is undone below
+        except (RuntimeError, IndexError, ValueError) as err:
+            _restore(saved[0])
+            self.__dict__.update(saved[1])
+            names = ", ".join(self.groups[gi].root for gi in clean)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MTPruneInputError(f"pruning the groups of {names} breaks the model ({first}); the model is "
+                                    "unchanged: protect these layers or leave their groups out of the plan") from err
+
+    def _tp_group(self, g: ChannelGroup, idxs: Sequence[int]) -> Any:
+        """Torch-Pruning's group for removing ``idxs`` of ``g``: from its root's output channels, or for attention
+        from the projection's input channels (channel i is row i, C + i and 2C + i of qkv)."""
+        if g.heads is not None and g.heads.via:
+            module = self._modules[g.heads.via]
+            return self._dg.get_pruning_group(module, self._dg.get_pruner_of_module(module).prune_in_channels, idxs)
+        module = self._modules[g.root]
+        return self._dg.get_pruning_group(module, self._dg.get_pruner_of_module(module).prune_out_channels, idxs)
+
+    def _validate(self, group: Any) -> None:
+        """Refuse (naming the layer) a Torch-Pruning group that points past a layer's width or empties a layer."""
+        names = {m: n for n, m in self._modules.items()}
+        for dep, idxs in group:
+            module = dep.target.module
+            if module not in names:
+                continue  # Torch-Pruning's own ops
+            is_out = self._dg.is_out_channel_pruning_fn(dep.handler)
+            width = self._dg.get_out_channels(module) if is_out else self._dg.get_in_channels(module)
+            if width is None or not (is_out or self._dg.is_in_channel_pruning_fn(dep.handler)):
+                continue
+            side = "output" if is_out else "input"
+            bad = [i for i in idxs if not 0 <= int(i) < width]
+            if bad:
+                raise MTPruneInputError(f"cannot prune layer {names[module]}: channel {max(bad)} is past its {width} "
+                                        f"{side} channels; the model is unchanged")
+            if len(set(idxs)) >= width:
+                raise MTPruneInputError(f"cannot prune layer {names[module]}: the plan removes all of its {width} "
+                                        f"{side} channels; the model is unchanged")
+        if not self._dg.check_pruning_group(group):  # Torch-Pruning's own check, as a backstop
+            raise MTPruneInputError(f"cannot prune the group of {names.get(group[0].dep.target.module, '?')}: "
+                                    "Torch-Pruning's check_pruning_group refuses it; the model is unchanged")
 
     def __repr__(self) -> str:
         return f"PruningGraph({len(self.groups)} groups, {len(self.protected)} protected)"
 
 
-def apply_widths(model: nn.Module, example_inputs: Tensor | tuple | Any, widths: Mapping[str, int]) -> None:
+def apply_widths(model: nn.Module, example_inputs: Tensor | tuple | Any, widths: Mapping[str, int],
+                 heads: Mapping[str, Sequence[int]] | None = None) -> None:
     """Shrink a fresh (unpruned) ``model`` so that every named group root has the recorded width.
 
     The LAST channels of each group are removed; the caller loads the pruned weights afterwards. This rebuilds
     a pruned architecture from its recorded widths (e.g. to retrain it from scratch). Roots not named keep their
-    width. Unknown roots, or widths above the current ones, are an :class:`MTPruneInputError`.
+    width. Unknown roots, or widths above the current ones, are an :class:`MTPruneInputError`. ``heads``
+    (``attention.head_layout`` of the pruned model: attention module -> ``[num_heads, head_dim]``) rebuilds the
+    groups holding attention instead of their widths: the last heads and the last channels of every head go.
     """
     graph = PruningGraph(model, example_inputs)
     by_root = {g.root: g for g in graph.groups}
@@ -465,33 +680,47 @@ def apply_widths(model: nn.Module, example_inputs: Tensor | tuple | Any, widths:
     if unknown:
         raise MTPruneInputError(f"widths name unknown or unprunable group roots: {unknown}")
     plan: dict[int, list[int]] = {}
+    layout = dict(heads or {})
+    for g in graph.groups:
+        if g.heads is not None and g.heads.modules[0] in layout:
+            plan[g.index] = attention.layout_plan(g.heads, layout[g.heads.modules[0]])
     for root, width in widths.items():
         g = by_root[root]
+        if g.index in plan or (g.heads is not None and g.heads.modules[0] in layout):
+            continue
         if not isinstance(width, Integral) or isinstance(width, bool) or not 1 <= width <= g.channels:
             raise MTPruneInputError(f"width {width!r} for {root!r} must be an int in [1, {g.channels}]")
         if width < g.channels:
             plan[g.index] = list(range(int(width), g.channels))
-    graph.prune(plan)
+    graph.prune({gi: idxs for gi, idxs in plan.items() if idxs})
 
 
-def torch_pruning_magnitude(model: nn.Module, example_inputs: Tensor | tuple | Any, pruning_ratio: float) -> None:
+def torch_pruning_magnitude(model: nn.Module, example_inputs: Tensor | tuple | Any, pruning_ratio: float,
+                            protected: Sequence[str] | None = None, *, heads: bool = False) -> None:
     """Prune ``model`` in place the way a Torch-Pruning user would: ``MetaPruner`` with
     ``GroupMagnitudeImportance`` (L2 norm, mean over the coupled group) at one channel ratio for every layer
     (its default, non-global mode), with each task's output predictor in ``ignored_layers``.
 
     The baseline row of the ``criteria`` benchmark (Fang et al., DepGraph, CVPR 2023). The predictors to protect
-    are found as :class:`PruningGraph` finds them; train mode and ``requires_grad`` flags are restored.
+    are found as :class:`PruningGraph` finds them, unless given as ``protected`` (module names, e.g. a graph's
+    ``protected`` read beforehand, so that only Torch-Pruning's own work is timed); train mode and
+    ``requires_grad`` flags are restored.
+
+    ``heads=True`` follows Torch-Pruning's own ViT recipe for timm-style attention: ``num_heads={qkv: heads}``
+    with ``prune_head_dims=True``, then ``num_heads`` / ``head_dim`` (and timm's ``attn_dim``) set from the pruner.
     """
     import torch_pruning as tp
 
     if not 0 <= pruning_ratio < 1:
         raise MTPruneInputError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
-    graph = PruningGraph(model, example_inputs)
+    if protected is None:
+        protected = PruningGraph(model, example_inputs).protected
     if pruning_ratio == 0:
         return
     modules = dict(model.named_modules())
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
+    attn = attention.find_qkv_attention(model) if heads else {}
 
     def forward_fn(m: nn.Module, inputs: Any) -> Any:
         return check_multitask_output(_call(m, inputs))
@@ -499,8 +728,16 @@ def torch_pruning_magnitude(model: nn.Module, example_inputs: Tensor | tuple | A
     try:
         pruner = tp.pruner.MetaPruner(
             model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=pruning_ratio, ignored_layers=[modules[n] for n in graph.protected], forward_fn=forward_fn)
+            pruning_ratio=pruning_ratio, ignored_layers=[modules[n] for n in protected], forward_fn=forward_fn,
+            num_heads={modules[q]: modules[a].num_heads for q, (a, _) in attn.items()},
+            prune_head_dims=True, prune_num_heads=False)
         pruner.step()
+        for q, (a, _) in attn.items():  # the recipe's attribute update (attn_dim: timm >= 1.0's reshape)
+            m = modules[a]
+            m.num_heads = pruner.num_heads[modules[q]]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if hasattr(m, "attn_dim"):
+                m.attn_dim = m.num_heads * m.head_dim
     finally:
         for m, was in modes.items():
             m.training = was

@@ -4,7 +4,8 @@ Per batch it runs **one forward** and then **T backward passes** (``torch.autogr
 ``retain_graph``), one per task, asking autograd only for what the chosen criteria need:
 
 - ``task_weight_grads``: ∂L_t/∂W for each group's producer weights, as ``[C, D]`` rows;
-- ``task_gate_taylor``: Σ_{n,h,w} a · ∂L_t/∂a at each group's gates (Molchanov et al., CVPR 2019).
+- ``task_gate_taylor``: Σ a · ∂L_t/∂a at each group's gates (Molchanov et al., CVPR 2019), summed over every
+  dimension of the gate's output except its channel dimension (see :func:`gate_statistic`).
 
 The core, :func:`per_task_gradients`, gives per-task gradients of any tensors (``mtprune.sparsity`` uses it
 for every conv/linear weight). Summed-loss statistics follow by linearity (∂ΣL_t = Σ ∂L_t), so they cost nothing
@@ -30,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..models.validate import check_multitask_output
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import call_model, to_device
 from .graph import ChannelGroup, PruningGraph
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -37,9 +39,73 @@ TASK_WEIGHT_GRADS = "task_weight_grads"
 TASK_GATE_TAYLOR = "task_gate_taylor"
 
 
-def weight_rows(module: nn.Module) -> Tensor:
-    """A producer's weight as ``[out_channels, -1]`` rows."""
-    return module.weight.reshape(module.weight.shape[0], -1)
+def weight_rows(module: nn.Module, weight: Tensor | None = None) -> Tensor:
+    """A producer's weight (or a tensor shaped like it, e.g. its gradient) as ``[out_channels, -1]`` rows.
+
+    Conv and Linear weights hold output channels in dimension 0; a transposed conv's weight is
+    ``[in, out/groups, *k]``, so its rows are gathered group by group."""
+    w = module.weight if weight is None else weight
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        g = module.groups
+        return w.reshape(g, w.shape[0] // g, w.shape[1], -1).transpose(1, 2).reshape(g * w.shape[1], -1)
+    return w.reshape(w.shape[0], -1)
+
+
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.GroupNorm, nn.PReLU)
+
+
+def gate_params(module: nn.Module) -> list[Tensor] | None:
+    """The parameters ``[weight, bias?]`` in which each output channel ``c`` of a gate is affine
+    (``y_c = w_c · u + b_c``), or ``None`` when there are none (the statistic is then taken on the activation).
+
+    For these modules Σ y_c · ∂L/∂y_c = ⟨w_c, ∂L/∂w_c⟩ + b_c · ∂L/∂b_c exactly, over every call of the module and
+    whatever dimension its channels sit in (Conv: 1; Linear on tokens: last; LayerNorm: last; a channels-last
+    ``LayerNorm2d``: 1). ``nn.MultiheadAttention``'s output is its ``out_proj`` (called through ``F.linear``).
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        module = module.out_proj
+    if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.PReLU)):
+        return None  # transposed: channels are not weight rows; PReLU: not affine in its parameter
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm,
+                                                                 *_CHANNELS_FIRST[1:4])):
+        return None
+    bias = getattr(module, "bias", None)
+    return [weight] + ([bias] if isinstance(bias, Tensor) else [])
+
+
+def channel_dim(module: nn.Module, out: Tensor) -> int:
+    """The dimension of ``module``'s output that holds its channels (used when a gate has no affine parameters):
+    1 for Conv/BatchNorm/InstanceNorm/GroupNorm/PReLU, the last for Linear and LayerNorm. Refused when that
+    dimension does not have the module's width (e.g. a channels-last subclass), rather than scoring another one."""
+    if isinstance(module, nn.Linear):
+        dim, width = out.dim() - 1, module.out_features
+    elif isinstance(module, nn.LayerNorm):
+        dim, width = out.dim() - len(module.normalized_shape), module.normalized_shape[0]
+    elif isinstance(module, _CHANNELS_FIRST):
+        dim = 1
+        width = next((getattr(module, a) for a in ("out_channels", "num_features", "num_channels", "num_parameters")
+                      if hasattr(module, a)), None)
+    else:
+        raise MTPruneInputError(f"cannot tell the channel dimension of gate {type(module).__name__}")
+    if out.dim() <= dim or (width is not None and out.shape[dim] != width):
+        raise MTPruneInputError(f"gate {type(module).__name__} outputs shape {tuple(out.shape)}: its {width} "
+                                f"channels are not in dimension {dim}; cannot score its channels")
+    return dim
+
+
+def gate_statistic(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """Σ a · ∂L/∂a per output channel from a gate's affine parameters and their gradients (``[C]``)."""
+    return sum((p.detach() * g).reshape(p.shape[0], -1).sum(1) for p, g in zip(params, grads, strict=True))
+
+
+def activation_statistic(module: nn.Module, act: Tensor, grad: Tensor) -> Tensor:
+    """Σ a · ∂L/∂a per channel of an activation, summed over every dimension but the channel one (``[C]``)."""
+    dim = channel_dim(module, act)
+    return (act.detach() * grad).movedim(dim, 0).reshape(act.shape[dim], -1).sum(1)
 
 
 @dataclass
@@ -62,9 +128,15 @@ def to_group(group: ChannelGroup, name: str, rows: Tensor) -> Tensor:
     cmap = group.out_maps.get(name)
     if cmap is None or (rows.shape[0] == group.channels and cmap.root == cmap.local == list(range(group.channels))):
         return rows
-    out = rows.new_zeros((group.channels, *rows.shape[1:]))
+    root = torch.tensor(cmap.root, device=rows.device)
     local = torch.tensor(cmap.local, device=rows.device)
-    return out.index_add_(0, torch.tensor(cmap.root, device=rows.device), rows.index_select(0, local))
+    repeats = torch.bincount(root, minlength=group.channels)
+    if rows.dim() == 2 and len(cmap.root) > group.channels and bool((repeats == repeats[0]).all()):
+        # m out channels per group channel (an attention group: q, k and v rows of one channel): side by side
+        order = torch.argsort(root, stable=True)
+        return rows.index_select(0, local[order]).reshape(group.channels, -1)
+    out = rows.new_zeros((group.channels, *rows.shape[1:]))
+    return out.index_add_(0, root, rows.index_select(0, local))
 
 
 def group_weights(model: nn.Module, group: ChannelGroup,
@@ -148,7 +220,7 @@ def per_task_gradients(model: nn.Module, images: Tensor, targets: Mapping[str, T
         for p in frozen:
             p.requires_grad_(True)
         with torch.enable_grad(), parametrize.cached():
-            values = task_losses(check_multitask_output(model(images)), targets, losses)
+            values = task_losses(check_multitask_output(call_model(model, images)), targets, losses)
             xs = list(inputs() if callable(inputs) else inputs)
             names = list(values)
             for i, task in enumerate(names):
@@ -188,39 +260,67 @@ class StatisticsEngine:
     def _gather(self, images: Tensor, targets: Mapping[str, Tensor], params: list[Tensor]):
         """One forward and T backward passes (``per_task_gradients``). Returns the losses, each task's raw
         statistics (``"w:<producer>"``: ∂L_t/∂W as ``[C, D]`` rows; ``"gate:<gate>"``: Σ a · ∂L_t/∂a, ``[C]``)
-        and the summed-loss gradients of ``params``. Gate gradients are reduced to ``[C]`` as each task's arrive;
-        weight gradients are kept only when a criterion asks for them."""
+        and the summed-loss gradients of ``params``. Gate statistics come from the gate's affine parameters
+        (:func:`gate_params`) or, for a gate without any, from its activation summed over every dimension but
+        its channel dimension (:func:`channel_dim`); they are reduced to ``[C]`` as each task's gradients
+        arrive. Weight gradients are kept only when a criterion asks for them."""
         modules = dict(self.model.named_modules())
         groups = self.graph.groups
         captured: dict[str, Tensor] = {}
         gates = sorted({n for g in groups for n in g.gates}) if TASK_GATE_TAYLOR in self.needs else []
+        hooked = [n for n in gates if gate_params(modules[n]) is None]
         hooks = [modules[name].register_forward_hook(lambda m, a, out, name=name: captured.__setitem__(name, out))
-                 for name in gates]
+                 for name in hooked]
         producers = sorted({n for g in groups for n in g.producers}) if TASK_WEIGHT_GRADS in self.needs else []
-        slot: dict[int, int] = {}
+        slot: dict[int, int] = {}  # id(tensor) -> position in the inputs handed to autograd
+        gate_slots: dict[str, list[int]] = {}
+        checked: list[str] = []  # names of the leading inputs, filled in by inputs() before any gradient is read
 
-        def inputs() -> list[Tensor]:  # after the forward: the gates' activations exist, weights are current
-            weights = [modules[n].weight for n in producers]
-            known = {id(w) for w in weights}
-            xs = weights + [captured[n] for n in gates] + [p for p in params if id(p) not in known]
-            slot.update({id(p): i for i, p in enumerate(xs) if i < len(weights) or i >= len(weights) + len(gates)})
+        def inputs() -> list[Tensor]:  # after the forward: activations exist, (parametrized) weights are current
+            xs: list[Tensor] = []
+
+            def add(t: Tensor, name: str | None) -> int:
+                if id(t) not in slot:
+                    slot[id(t)] = len(xs)
+                    xs.append(t)
+                    if name is not None:
+                        checked.append(name)
+                return slot[id(t)]
+
+            for n in producers:
+                add(modules[n].weight, n)
+            for n in gates:
+                if n in captured:
+                    out = captured[n]
+                    if not isinstance(out, Tensor):
+                        raise MTPruneInputError(f"gate {n} returns a {type(out).__name__}, not a tensor; "
+                                                "cannot score its channels")
+                    gate_slots[n] = [add(out, n)]
+                else:
+                    gate_slots[n] = [add(t, n) for t in gate_params(modules[n])]
+            for p in params:
+                add(p, None)
             return xs
 
         per_task: dict[str, dict[str, Tensor]] = {}
         summed: list[Tensor | None] = [None] * len(params)
 
         def on_task(task: str, grads: list[Tensor]) -> None:
-            per_task[task] = {"w:" + n: g.reshape(g.shape[0], -1) for n, g in zip(producers, grads, strict=False)}
-            for n, g in zip(gates, grads[len(producers):], strict=False):
-                act = captured[n].detach()
-                per_task[task]["gate:" + n] = (act * g).transpose(0, 1).reshape(act.shape[1], -1).sum(1)
+            raw = per_task[task] = {}
+            for n in producers:
+                raw["w:" + n] = weight_rows(modules[n], grads[slot[id(modules[n].weight)]])
+            for n, slots in gate_slots.items():
+                if n in captured:
+                    raw["gate:" + n] = activation_statistic(modules[n], captured[n], grads[slots[0]])
+                else:
+                    raw["gate:" + n] = gate_statistic(gate_params(modules[n]), [grads[i] for i in slots])
             for j, p in enumerate(params):
                 g = grads[slot[id(p)]]
                 summed[j] = g if summed[j] is None else summed[j] + g
 
         try:
             losses, _ = per_task_gradients(self.model, images, targets, self.losses, inputs,
-                                           checked=producers + gates, on_task=on_task)
+                                           checked=checked, on_task=on_task)
         finally:
             for h in hooks:
                 h.remove()
@@ -249,7 +349,7 @@ class StatisticsEngine:
         dropped before the next, and across batches only the criteria's per-channel scores are summed.
         """
         check_batch(images, targets, self.losses)
-        images = images.to(self.device)
+        images = to_device(images, self.device)  # a tensor, or a tuple/dict for several inputs
         targets = {k: v.to(self.device) for k, v in targets.items()}
         params = list(params or [])
         losses, per_task, summed = self._gather(images, targets, params)

@@ -1,7 +1,9 @@
 """Taylor-FO on gates, summed loss (Molchanov et al., CVPR 2019).
 
-A gate g = 1 multiplies each channel; per minibatch the score is (Σ_{n,h,w} a · ∂L/∂a)² with L = Σ_t L_t,
-averaged over the batches of an interval and ranked globally (as Garg et al. 2023 use it).
+A gate g = 1 multiplies each channel; per minibatch the score is (Σ a · ∂L/∂a)² with L = Σ_t L_t, the sum taken
+over every dimension of the gate's output but its channel dimension (batch and space for a conv, batch and tokens
+for a Linear on tokens; ``pruning.stats.gate_statistic``), averaged over the batches of an interval and ranked
+globally (as Garg et al. 2023 use it).
 """
 
 from __future__ import annotations
