@@ -11,6 +11,7 @@ import torch
 from helpers import nyu_batches, zoo_model
 from mtprune.bench import run_suite
 from mtprune.bench.speed import MEMORY_MODES, SCALES, SPARSITIES, can_reset_peak
+from mtprune.bench.speed_compare import COMPARE
 from mtprune.pruning.criteria import Criterion
 from mtprune.pruning.graph import PruningGraph
 from mtprune.pruning.stats import TASK_WEIGHT_GRADS, StatisticsEngine
@@ -40,6 +41,33 @@ def test_latency_has_every_model_and_target(small):
             assert r["macs_reduction"] == pytest.approx(1 / r["macs_ratio"])
             assert r["latency_dense_ms"] > 0 and r["latency_pruned_ms"] > 0
             assert len(r["speedup_per_pair"]) == SCALES["small"].repeats
+
+
+def test_side_by_side_and_prune_time(small):
+    """Section 5 (dense, mtprune at equal MACs and at equal latency, Torch-Pruning) and 6 (time to prune)."""
+    out, result = small
+    cmp = COMPARE["small"]
+    side = result["side_by_side"]
+    assert {(r["model"], r["target"]) for r in side} == {(m, t) for m in cmp.models for t in cmp.targets}
+    for r in side:
+        assert r["dense"]["speedup"] == pytest.approx(1.0) and r["dense"]["macs_kept"] == 1.0
+        for k in ("mtprune_macs", "mtprune_latency", "torch_pruning"):
+            v = r[k]
+            assert v["latency_ms"] > 0 and v["fidelity"] == pytest.approx(v["speedup"] * v["macs_kept"])
+        assert abs(r["mtprune_macs"]["macs_kept"] - r["target"]) <= 0.05 * r["target"]
+        assert abs(r["torch_pruning"]["macs_kept"] - r["target"]) <= 0.1 * r["target"]  # its ratio, bisected
+        lat = r["mtprune_latency"]
+        assert lat["within_5pct"] == (abs(lat["latency_ratio"] - r["target"]) <= 0.05 * r["target"])
+        assert 0 < lat["predicted_ratio"] < 1 and lat["table"]["batch"] == SCALES["small"].batch
+    assert list((out / "latency_tables").glob("*.json"))  # the measured tables are kept with the results
+    times = result["prune_time"]
+    assert [t["model"] for t in times] == list(cmp.prune_models)
+    for t in times:
+        assert t["mtprune_s"] > 0 and t["torch_pruning_s"] > 0
+        assert t["ratio"] == pytest.approx(t["mtprune_s"] / t["torch_pruning_s"])
+        assert abs(t["mtprune_macs_ratio"] - t["target_macs"]) <= 0.01
+    md = (out / "speed_small.md").read_text()
+    assert "## Side by side" in md and "## Time to prune" in md
 
 
 def test_stored_size_shrinks_with_sparsity(small):

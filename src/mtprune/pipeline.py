@@ -96,7 +96,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     criterion = get_criterion(p.criterion, seed=cfg.seed, **crit_kw)
     prune_dir = run_dir / "prune"
     common = {"allocator": p.allocator, "min_channels": p.min_channels, "round_to": p.round_to,
-              "part_ratios": p.part_ratios or None}
+              "part_ratios": p.part_ratios or None, "latency": p.latency or None}
     pagcp_report = None
     if p.allocator == "pagcp":  # PAGCP (Ye et al. 2023): loss-constrained rounds, fine-tuned in between
         from .pruning.pagcp import pagcp_schedule
@@ -123,7 +123,8 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
         steps = 1 if p.schedule == "one_shot" else p.steps
         model, records = iterative_prune(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, target_macs=p.target_macs,
-            target_params=p.target_params, steps=steps, finetune=finetune, stats_batches=p.stats_batches,
+            target_params=p.target_params, target_latency=p.target_latency, target_latency_ms=p.target_latency_ms,
+            steps=steps, finetune=finetune, stats_batches=p.stats_batches,
             stats_batch_size=p.stats_batch_size, rebuild=rebuild, resume=resume, **common)
     save_model(model, run_dir / "model.mtp", example_inputs=x)
     pruned_metrics = evaluate(model, val_set, tasks, device=cfg.device, batch_size=eval_bs)

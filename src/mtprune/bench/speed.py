@@ -15,6 +15,8 @@ engine cost in time and memory?
 4. **Peak memory against model size.** One statistics step of Deeplab-ResNet-18 at increasing widths, for a
    reduction-only criterion (``taylor``: per-channel gate statistics), a per-task weight-gradient criterion
    (``cosprune``) and, for reference, one plain forward + summed-loss backward.
+5. and 6. **Side by side** (dense, mtprune at equal MACs, mtprune at equal latency, Torch-Pruning; fidelity =
+   speed-up × MACs kept) and **time to prune** against Torch-Pruning's MetaPruner: ``bench/speed_compare.py``.
 
 How peak memory is measured (CPU): the measurements run in a fresh Python subprocess started with glibc's
 ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every tensor buffer is its own ``mmap`` and is returned to the OS
@@ -59,6 +61,8 @@ from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from .common import Entries, machine, results_dir
+from .speed_compare import COMPARE, prune_time_entry, side_by_side_entry
+from .speed_compare import markdown as compare_markdown
 
 # label: (zoo model, head, head arguments at width 1); the heads' widths scale with the model's width
 CPU_MODELS = {
@@ -378,7 +382,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
             dense[label] = _build(sc.models[label], tasks, sc.width)
         return dense[label]
 
-    rows = []
+    rows, side = [], []
+    cmp = COMPARE[scale]
     for label in sc.models:
         for target in targets:
             r = ROUND_TO.get(label, 1)
@@ -386,7 +391,18 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
                               lambda label=label, target=target, r=r: _latency_entry(model(label), target, sc, device,
                                                                                      round_to=r))
             rows.append({"model": label, **row})
+        # 5. side by side (the latency row rounds widths to the device's own channel blocking)
+        if label not in ROUND_TO and (cmp.models is None or label in cmp.models):
+            for target in cmp.targets:
+                side.append({"model": label, **entries.get(
+                    f"side_{scale}_{sc.models[label][0]}_{target}",
+                    lambda label=label, target=target: side_by_side_entry(
+                        model(label), target, sc.input, sc.batch, sc.repeats, sc.tolerance, MIN_CHANNELS, device,
+                        threads or torch.get_num_threads(), cmp, folder / "latency_tables"))})
         dense.pop(label, None)
+    prune_time = [entries.get(f"prune_time_{scale}_{m}_{t}",
+                              lambda m=m, t=t: prune_time_entry(m, cmp.prune_input, t, seed))
+                  for m in cmp.prune_models for t in cmp.prune_targets]
     first = next(iter(sc.models))
     storage = [entries.get(f"storage_{scale}_{s}", lambda s=s: _storage_entry(model(first), s, x1))
                for s in sparsities]
@@ -401,6 +417,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
         "latency": rows,
         "storage": {"model": first, "masks": "magnitude, per layer, every conv/linear weight", "rows": storage},
         "stats_engine": {"model": first, **engine},
+        "side_by_side": side,
+        "prune_time": prune_time,
         "memory": memory,
         "scale_config": asdict(sc),
     }
@@ -482,6 +500,7 @@ def _markdown(r: dict) -> str:
     for row in st["rows"]:
         lines.append(f"| {row['sparsity']:.0%} | {row['dense_bytes'] / 2**20:.1f} | {row['mtp_ratio']:.3f} | "
                      f"{row['bitmask_ratio']:.3f} | {row['csr_ratio']:.3f} |")
+    lines += compare_markdown(r["side_by_side"], r["prune_time"])
     e = r["stats_engine"]
     lines += ["", "## Statistics engine against the loop", "",
               f"{e['model']}: the engine (1 forward + {e['tasks']} backward) {e['engine_s_per_batch'] * 1e3:.0f} ms "

@@ -2,23 +2,32 @@
 
 - ``global``: one ranking across all candidate groups (lowest first), as in Molchanov et al. 2019 and
   Garg et al. 2023;
-- ``layer``: the same fraction removed from every group.
+- ``layer``: the same fraction removed from every group;
+- ``plan_for_cost``: the most importance kept per unit of a cost (HALP, Shen et al., NeurIPS 2022: a greedy
+  knapsack over channel blocks against a latency table; any per-layer cost of ``pruning/cost.py`` works).
 
-Both respect a minimum width per group (Garg et al.: no layer below 5 filters), an optional ``round_to`` for
-hardware-friendly widths, and per-part channel ratios given by name (``{"backbone": 0.3, "seg": 0.5}``).
+All respect a minimum width per group (Garg et al.: no layer below 5 filters), an optional ``round_to`` for
+hardware-friendly widths (one number, or one per group: ``group_round_to`` resolves per-layer-kind settings such
+as ``{"depthwise": 16, "pointwise": 8}``), and per-part channel ratios given by name (``{"backbone": 0.3}``).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from ..utils.errors import MTPruneInputError
+from .attention import select_heads
+from .cost import Tracker
 from .graph import ChannelGroup
 
 Plan = dict[int, list[int]]
+RoundTo = int | Mapping[int, int]
+KINDS = ("conv", "pointwise", "depthwise", "grouped", "linear", "conv_transpose", "default")
 
 
 def _normalized(scores: Tensor, how: str) -> Tensor:
@@ -31,7 +40,9 @@ def _cap(group: ChannelGroup, min_channels: int) -> int:
     return max(group.channels - max(min_channels, 1), 0)
 
 
-def _round(group: ChannelGroup, remove: int, round_to: int) -> int:
+def _round(group: ChannelGroup, remove: int, round_to: RoundTo) -> int:
+    if isinstance(round_to, Mapping):
+        round_to = round_to.get(group.index, 1)
     if round_to <= 1 or remove == 0:
         return remove
     keep = group.channels - remove
@@ -44,7 +55,7 @@ def _lowest(scores: Tensor, k: int) -> list[int]:
 
 
 def plan_removal(groups: list[ChannelGroup], scores: Mapping[int, Tensor], fraction: float, *,
-                 mode: str = "global", normalize: str = "none", min_channels: int = 5, round_to: int = 1,
+                 mode: str = "global", normalize: str = "none", min_channels: int = 5, round_to: RoundTo = 1,
                  part_ratios: Mapping[str, float] | None = None) -> Plan:
     """Remove ``fraction`` of the candidate channels (those with a score), lowest scores first."""
     part_ratios = dict(part_ratios or {})
@@ -58,9 +69,11 @@ def plan_removal(groups: list[ChannelGroup], scores: Mapping[int, Tensor], fract
             g.index: min(math.floor(frac * g.channels + 1e-9), _cap(g, min_channels)) for g in pool}
         for g in pool:
             k = _round(g, counts.get(g.index, 0), round_to)
-            if k > 0:
+            if k > 0 and g.heads is not None:  # attention: whole heads, or as many channels from every head
+                plan[g.index] = select_heads(g.heads, scores[g.index], k, max(min_channels, 1))
+            elif k > 0:
                 plan[g.index] = _lowest(scores[g.index], k)
-    return plan
+    return {gi: idxs for gi, idxs in plan.items() if idxs}
 
 
 def _global_counts(pool: list[ChannelGroup], scores: Mapping[int, Tensor], fraction: float, normalize: str,
@@ -82,3 +95,108 @@ def _global_counts(pool: list[ChannelGroup], scores: Mapping[int, Tensor], fract
             if taken >= target:
                 break
     return {g.index: c for g, c in zip(pool, counts, strict=True)}
+
+
+def group_round_to(groups: list[ChannelGroup], kinds: Mapping[str, str], spec: int | Mapping[str, int]) -> RoundTo:
+    """``round_to`` per group from a per-layer-kind spec (``{"depthwise": 16, "pointwise": 8, "default": 1}``;
+    kinds as in ``cost.layer_kind``): a group takes the largest value of the layers it touches. An int is kept."""
+    if isinstance(spec, bool) or not isinstance(spec, int | Mapping):
+        raise MTPruneInputError(f"round_to must be an int or a dict of layer kinds to ints, got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise MTPruneInputError(f"round_to must be >= 1, got {spec}")
+        return spec
+    bad = {k: v for k, v in spec.items() if k not in KINDS or isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise MTPruneInputError(f"round_to: layer kinds must be among {list(KINDS)} with ints >= 1, got {bad}")
+    default = spec.get("default", 1)
+    return {g.index: max([spec.get(kinds.get(n, ""), default) for n in g.producers + g.consumers] or [default])
+            for g in groups}
+
+
+def _keeps(group: ChannelGroup, cap: int, step: int) -> list[int]:
+    """The widths a group passes through, widest first: multiples of ``step`` below its width, down to the cap."""
+    floor = group.channels - cap
+    out, keep = [], (group.channels - 1) // step * step
+    while keep >= max(floor, 1):
+        out.append(keep)
+        keep -= step
+    return out
+
+
+def plan_for_cost(groups: list[ChannelGroup], scores: Mapping[int, Tensor], tracker: Tracker, goal: float, *,
+                  normalize: str = "none", min_channels: int = 5, round_to: RoundTo = 1,
+                  part_ratios: Mapping[str, float] | None = None, mode: str = "global",
+                  tolerance: float = 0.005) -> Plan:
+    """Remove channels until the tracked cost (e.g. predicted latency) is at most ``goal``, keeping the most
+    importance per unit of cost (HALP, Shen et al., NeurIPS 2022).
+
+    Each group's channels leave lowest score first, in blocks that keep its width a multiple of its
+    ``round_to``. The block removed next is the one with the least importance (sum of its normalized scores)
+    per unit of cost it saves, given the widths of the moment: the cost of a layer depends on both the groups
+    of its inputs and of its outputs, so a block's saving is re-evaluated when it comes up (lazy greedy) and
+    re-queued if it changed. Groups of parts with a fixed ratio in ``part_ratios`` are pruned first, at that
+    ratio (``plan_removal``), and left out of the knapsack. Near the goal, a block that would overshoot it by
+    more than ``tolerance`` (relative) is set aside for smaller ones; if none is left, the block that reaches the
+    goal with the least importance finishes. The tracker is left at the returned plan's cost.
+    """
+    ratios = dict(part_ratios or {})
+    fixed_groups = [g for g in groups if g.index in scores and g.part in ratios]
+    plan: Plan = {}
+    for part, frac in ratios.items():
+        pool = [g for g in fixed_groups if g.part == part]
+        plan.update(plan_removal(pool, scores, frac, mode=mode, normalize=normalize, min_channels=min_channels,
+                                 round_to=round_to))
+    for gi, idxs in plan.items():
+        tracker.apply(gi, idxs)
+    free = [g for g in groups if g.index in scores and g.part not in ratios]
+    order = {g.index: torch.argsort(scores[g.index].float(), stable=True).tolist() for g in free}
+    value = {g.index: _normalized(scores[g.index].float(), normalize) for g in free}
+    widths = {g.index: g.channels for g in free}
+    steps = {g.index: _keeps(g, _cap(g, min_channels),
+                             round_to.get(g.index, 1) if isinstance(round_to, Mapping) else max(round_to, 1))
+             for g in free}
+    scale = max(abs(tracker.value), 1e-30) * 1e-12
+
+    def entry(gi: int) -> tuple | None:
+        if not steps[gi]:
+            return None
+        keep = steps[gi][0]
+        block = order[gi][len(order[gi]) - widths[gi]:len(order[gi]) - keep]
+        importance = float(value[gi][block].sum())
+        saving = -tracker.delta(gi, block)
+        key = (0, importance / saving) if saving > scale else (1, importance)
+        return key, gi, block, importance, saving
+
+    def last_block() -> tuple[int, list[int]] | None:
+        """Among the blocks that alone bring the cost down to ``goal``, the one that loses the least importance."""
+        gap = tracker.value - goal
+        done = [e for e in (entry(g.index) for g in free) if e is not None and e[4] >= gap]
+        return min(done, key=lambda e: (e[3], e[1]))[1:3] if done else None
+
+    heap = [e for e in (entry(g.index) for g in free) if e is not None]
+    heapq.heapify(heap)
+    while heap and tracker.value > goal:
+        gi = heapq.heappop(heap)[1]
+        fresh = entry(gi)  # the widths around this group may have changed since it was queued
+        if fresh is None:
+            continue
+        if heap and fresh[0] > heap[0][0]:
+            heapq.heappush(heap, fresh)
+            continue
+        if fresh[4] > tracker.value - goal + tolerance * goal:
+            continue  # it would overshoot the goal by more than the tolerance: smaller blocks first
+        tracker.apply(gi, fresh[2])
+        widths[gi] = steps[gi].pop(0)
+        nxt = entry(gi)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    finish = last_block() if tracker.value > goal else None
+    if finish is not None:  # only blocks that overshoot are left: the one losing the least importance
+        gi, block = finish
+        tracker.apply(gi, block)
+        widths[gi] = steps[gi].pop(0)
+    for g in free:
+        if widths[g.index] < g.channels:
+            plan[g.index] = sorted(order[g.index][:g.channels - widths[g.index]])
+    return plan

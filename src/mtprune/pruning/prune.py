@@ -1,16 +1,18 @@
 """``mtprune.prune``: score, allocate, and physically remove channels to reach a budget.
 
-Exactly one target: ``target_macs`` or ``target_params`` (the fraction of the original kept, in (0, 1)) or
-``channel_ratio`` (the fraction of candidate channels removed). MACs and parameter targets are reached by
-bisection on the removal fraction, each trial measured exactly on a pruned copy, until within ``tolerance``.
+Exactly one target: ``target_macs``, ``target_params`` or ``target_latency`` (the fraction of the original kept,
+in (0, 1)), ``target_latency_ms`` (milliseconds) or ``channel_ratio`` (the fraction of candidate channels removed).
+MACs and parameter targets are reached by bisection on the removal fraction, each trial costed exactly from the
+widths (``pruning/cost.py``: no copy, no re-tracing), until within ``tolerance``. Latency targets are predicted
+from a per-layer latency table measured on the device of ``latency`` (``pruning/latency.py``) and reached by
+keeping the most importance per millisecond (``allocate.plan_for_cost``; HALP, Shen et al., NeurIPS 2022).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,10 +21,13 @@ from torch import Tensor, nn
 from ..measure import layer_macs
 from ..tasks.base import Task
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import first_samples, input_spec
 from ..utils.runtime import eval_mode
-from .allocate import Plan, plan_removal
+from .allocate import Plan, group_round_to, plan_for_cost, plan_removal
+from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
+from .latency import LatencySetting, hardware_round_to, latency_model
 from .stats import StatisticsEngine, static_stats
 
 
@@ -53,20 +58,44 @@ class PruneReport:
         return {**asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
 
 
-def count(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(parameters, per-sample MACs)."""
+#: Allocators that run their own loop, by name: ``fn(model, example_inputs, criterion, *, target, data, losses,
+#: batches, min_channels, round_to, part_ratios, seed, graph, engine, settings) -> PruneReport``. PAGCP (Ye et al.
+#: 2023) registers "pagcp" from ``pruning/pagcp/rounds.py``; ``mtprune.pruning`` imports it, so this module never
+#: imports the allocators that depend on it.
+LOOP_ALLOCATORS: dict[str, Callable[..., PruneReport]] = {}
+
+
+def count(model: nn.Module, example_inputs: Tensor | tuple | Mapping) -> tuple[int, int]:
+    """(parameters, per-sample MACs); ``example_inputs`` is a tensor, a tuple or a dict (``utils.inputs``)."""
     with eval_mode(model), torch.no_grad():
-        macs, _ = layer_macs(model, example_inputs[:1])
+        macs, _ = layer_macs(model, first_samples(example_inputs))
     return sum(p.numel() for p in model.parameters()), sum(macs.values())
 
 
-def _check_target(target_macs, target_params, channel_ratio) -> tuple[str, float]:
+def check_all_losses(tasks: Iterable[str], losses: Mapping, criterion: str) -> None:
+    """Refuse a gradient criterion without a loss for every task output: the head of a task without a loss would
+    score about 0 and be cut to ``min_channels`` silently."""
+    missing = [t for t in tasks if t not in losses]
+    if missing:
+        raise MTPruneInputError(f"criterion {criterion!r} scores channels by the task losses, but no loss is given "
+                                f"for task(s) {missing} (losses for {sorted(losses)}); pass a loss for every output")
+
+
+def _check_target(target_macs, target_params, channel_ratio, target_latency=None,
+                  target_latency_ms=None) -> tuple[str, float]:
     given = {k: v for k, v in {"target_macs": target_macs, "target_params": target_params,
-                                "channel_ratio": channel_ratio}.items() if v is not None}
+                                "channel_ratio": channel_ratio, "target_latency": target_latency,
+                                "target_latency_ms": target_latency_ms}.items() if v is not None}
     if len(given) != 1:
-        raise MTPruneInputError(f"give exactly one of target_macs, target_params, channel_ratio (got {sorted(given)})")
+        raise MTPruneInputError("give exactly one of target_macs, target_params, target_latency, target_latency_ms, "
+                                f"channel_ratio (got {sorted(given)})")
     (name, value), = given.items()
-    if not 0 < value < 1:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MTPruneInputError(f"{name} must be a number, got {value!r}")
+    if name == "target_latency_ms":
+        if not 0 < value < float("inf"):
+            raise MTPruneInputError(f"target_latency_ms must be a positive number of milliseconds, got {value}")
+    elif not 0 < value < 1:
         raise MTPruneInputError(f"{name} must be in (0, 1), got {value}")
     return name, float(value)
 
@@ -92,7 +121,7 @@ def gather_statistics(model: nn.Module, graph: PruningGraph, criterion: Criterio
                       losses: Mapping | None, batches: int | None = None) -> StatisticsEngine:
     """Run the statistics engine of ``criterion`` over (at most ``batches`` batches of) ``data``."""
     if data is None or losses is None:
-        raise ValueError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
+        raise MTPruneInputError(f"criterion {criterion.name!r} needs gradients: pass data= and losses=")
     engine = StatisticsEngine(model, graph, as_losses(losses), [criterion])
     with eval_mode(model):  # statistics with frozen BN statistics and no dropout noise
         engine.run(_checked_images(data), batches)
@@ -146,19 +175,16 @@ def _apply(model: nn.Module, example_inputs: Tensor, plan_by_root: Mapping[str, 
     return graph
 
 
-def search_fraction(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, scores: Mapping[int, Tensor],
-                    measure: str, goal: float, plan_kw: dict, graph_kw: dict, tolerance: float = 0.005,
-                    max_trials: int = 20) -> tuple[Plan, float]:
-    """Bisection on the removal fraction so that the kept MACs (or params) hit ``goal`` (absolute)."""
-    pick = 1 if measure == "macs" else 0
+def search_fraction(graph: PruningGraph, scores: Mapping[int, Tensor], cost: Callable[[Plan], float], goal: float,
+                    plan_kw: dict, tolerance: float = 0.005, max_trials: int = 30) -> tuple[Plan, float]:
+    """Bisection on the removal fraction so that ``cost(plan)`` (e.g. ``CostModel.macs``: computed from widths,
+    no pruned copy) hits ``goal`` (absolute)."""
     lo, hi = 0.0, 1.0
     best: tuple[float, Plan, float] | None = None
     for _ in range(max_trials):
         mid = (lo + hi) / 2
         plan = plan_removal(graph.groups, scores, mid, **plan_kw)
-        trial = copy.deepcopy(model)
-        _apply(trial, example_inputs, _plan_by_root(graph, plan), **graph_kw)
-        value = count(trial, example_inputs)[pick]
+        value = cost(plan)
         err = abs(value - goal) / goal
         if best is None or err < best[0]:
             best = (err, plan, mid)
@@ -174,31 +200,51 @@ def search_fraction(model: nn.Module, example_inputs: Tensor, graph: PruningGrap
 def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion = "l1", *,
           target_macs: float | None = None, target_params: float | None = None,
           channel_ratio: float | None = None, data: Iterable | None = None, losses: Mapping | None = None,
-          batches: int | None = 8, allocator: str = "global", min_channels: int = 5, round_to: int = 1,
-          part_ratios: Mapping[str, float] | None = None, protected: Iterable[str] = (),
+          batches: int | None = 8, allocator: str = "global", min_channels: int = 5,
+          round_to: int | Mapping[str, int] | str = 1, part_ratios: Mapping[str, float] | None = None,
+          protected: Iterable[str] = (),
           parts: Mapping[str, str] | None = None, seed: int = 0, tolerance: float = 0.005,
           engine: StatisticsEngine | None = None, graph: PruningGraph | None = None,
-          pagcp: Mapping[str, object] | None = None, normalize: str | None = None) -> PruneReport:
+          pagcp: Mapping[str, object] | None = None, normalize: str | None = None,
+          target_latency: float | None = None, target_latency_ms: float | None = None,
+          latency: LatencySetting | Mapping[str, object] | None = None) -> PruneReport:
     """Prune ``model`` in place, physically. Returns a ``PruneReport``.
+
+    ``target_latency`` (a fraction of the dense latency, in (0, 1)) or ``target_latency_ms`` (milliseconds)
+    prune to a latency on the device described by ``latency`` (a ``LatencySetting`` or a dict of its fields:
+    ``device`` "cpu"/"cuda", ``threads``, ``batch``, ``dtype``, ``cache_dir``; see ``pruning/latency.py``).
+    With ``allocator="global"`` the channels kept are those with the most importance per millisecond; with
+    ``"layer"`` every group loses the same fraction. The prediction lands in ``extra["latency"]``.
+
+    ``round_to`` keeps widths multiples of a number: one for every group, a dict per layer kind
+    (``{"depthwise": 16, "pointwise": 8, "default": 1}``), or ``"auto"`` for the device's channel blocking
+    (``latency.hardware_round_to``).
 
     ``normalize`` ("none" or "mean") overrides how global ranking compares groups: raw scores (Molchanov et
     al. 2019; Garg et al. 2023) let layers with large score scales keep their filters, "mean" divides each
     group's scores by their mean first.
 
-    ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp.py``) needs ``target_macs``, ``data`` and ``losses``;
+    ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp/``) needs ``target_macs``, ``data`` and ``losses``;
     ``pagcp`` holds its settings (``PAGCPSettings`` fields) and its report lands in ``extra["pagcp"]``.
 
     Pruning replaces Parameter objects: rebuild optimizers (and EMA, DDP wrappers) afterwards.
     """
     start = time.perf_counter()
-    name, value = _check_target(target_macs, target_params, channel_ratio)
-    if allocator not in ("global", "layer", "pagcp"):
-        raise MTPruneInputError(f"allocator must be 'global', 'layer' or 'pagcp', got {allocator!r}")
+    from ..utils.statedict import check_input_dtype
+
+    check_input_dtype(model, example_inputs)
+    name, value = _check_target(target_macs, target_params, channel_ratio, target_latency, target_latency_ms)
+    lat_setting = LatencySetting.parse(latency)
+    if allocator not in ("global", "layer", *LOOP_ALLOCATORS):
+        known = ["global", "layer", *LOOP_ALLOCATORS]
+        raise MTPruneInputError(f"allocator must be one of {known}, got {allocator!r}")
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     if crit.needs_data and (data is None or losses is None) and engine is None:
-        raise ValueError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
+        raise MTPruneInputError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
     graph_kw = {"protected": tuple(protected), "parts": parts, "min_channels": 1}
     graph = graph or PruningGraph(model, example_inputs, **graph_kw)
+    if crit.needs_data and losses is not None and engine is None:
+        check_all_losses(graph.tasks, losses, crit.name)
     ratios = dict(part_ratios or {})
     unknown = sorted(set(ratios) - {g.part for g in graph.groups})
     if unknown:
@@ -207,33 +253,59 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     bad = {k: v for k, v in ratios.items() if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1}
     if bad:
         raise MTPruneInputError(f"part_ratios must be fractions in [0, 1), got {bad}")
-    if allocator == "pagcp":  # performance-aware allocation under per-task loss constraints (pruning/pagcp.py)
-        from .pagcp import prune_pagcp
-
-        return prune_pagcp(model, example_inputs, crit, target={name: value}, data=data, losses=losses,
-                           batches=batches, min_channels=min_channels, round_to=round_to, part_ratios=part_ratios,
-                           seed=seed, graph=graph, engine=engine, settings=pagcp)
-    params0, macs0 = count(model, example_inputs)
+    if allocator in LOOP_ALLOCATORS:  # pagcp: allocation under per-task loss constraints (pruning/pagcp/)
+        if name.startswith("target_latency") or not isinstance(round_to, int):
+            raise MTPruneInputError(f"allocator {allocator!r} takes target_macs and an int round_to (no latency "
+                                    "target yet)")
+        return LOOP_ALLOCATORS[allocator](
+            model, example_inputs, crit, target={name: value}, data=data, losses=losses, batches=batches,
+            min_channels=min_channels, round_to=round_to, part_ratios=part_ratios, seed=seed, graph=graph,
+            engine=engine, settings=pagcp)
+    cost = CostModel(model, example_inputs, graph)  # one forward: every later trial is costed from widths
+    params0, macs0 = cost.params_total, cost.macs_total
     widths0 = graph.widths()
+    rounding = group_round_to(graph.groups, {n: s.kind for n, s in cost.layers.items()},
+                              hardware_round_to(lat_setting) if round_to == "auto" else round_to)
     if crit.needs_data and engine is None:
         engine = gather_statistics(model, graph, crit, data, losses, batches)
     scores = criterion_scores(model, graph, crit, engine=engine)
     if not scores:
-        raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model")
+        why = next(iter(graph.skipped.items()), None)
+        raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model" + (
+            f"; no group can be pruned safely (e.g. {why[0]}: {why[1]})" if why else ""))
     if normalize not in (None, "none", "mean"):
         raise MTPruneInputError(f"normalize must be 'none' or 'mean', got {normalize!r}")
     plan_kw = {"mode": allocator, "normalize": normalize or crit.normalize, "min_channels": min_channels,
-               "round_to": round_to, "part_ratios": part_ratios}
+               "round_to": rounding, "part_ratios": part_ratios}
+    extra: dict[str, object] = {"allocator": allocator}
     if name == "channel_ratio":
         plan, fraction = plan_removal(graph.groups, scores, value, **plan_kw), value
-    else:
+    elif name in ("target_macs", "target_params"):
         goal = value * (macs0 if name == "target_macs" else params0)
-        plan, fraction = search_fraction(model, example_inputs, graph, scores, name.split("_")[1], goal, plan_kw,
-                                         graph_kw, tolerance)
+        plan, fraction = search_fraction(graph, scores, cost.macs if name == "target_macs" else cost.params, goal,
+                                         plan_kw, tolerance)
+    else:
+        lat = latency_model(model, example_inputs, cost, lat_setting)
+        goal = value * lat.dense_ms if name == "target_latency" else value
+        if allocator == "global":
+            plan = plan_for_cost(graph.groups, scores, cost.tracker(lat.layer_cost), goal, tolerance=tolerance,
+                                 **plan_kw)
+            fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
+        else:
+            plan, fraction = search_fraction(graph, scores, lat.predict, goal, plan_kw, tolerance)
+        predicted = lat.predict(plan)
+        extra["latency"] = {**lat.describe(), "goal_ms": goal, "predicted_ms": predicted,
+                            "predicted_ratio": predicted / lat.dense_ms}
+        if abs(predicted - goal) > max(10 * tolerance, 0.05) * goal:
+            warnings.warn(f"{name}={value} was not reached: the predicted latency is {predicted:.3f} ms against "
+                          f"{goal:.3f} ms (min_channels={min_channels}, protected layers and part_ratios limit the "
+                          "removal)", stacklevel=2)
+    extra["fraction"] = fraction
     graph = _apply(model, example_inputs, _plan_by_root(graph, plan), graph=graph)
-    model.mtprune_input_shape = list(example_inputs.shape[1:])
-    params1, macs1 = count(model, example_inputs)
-    if name != "channel_ratio":
+    model.mtprune_input_shape = input_spec(example_inputs)
+    # exact from widths (tests/test_cost_model.py), so no counting forward unless some MACs are not a layer's
+    params1, macs1 = (cost.params(plan), cost.macs(plan)) if cost.exact else count(model, example_inputs)
+    if name in ("target_macs", "target_params"):
         got = macs1 / macs0 if name == "target_macs" else params1 / params0
         if abs(got - value) > max(10 * tolerance, 0.05) * value:
             warnings.warn(f"{name}={value} was not reached: the pruned model keeps {got:.4f} of the original "
@@ -244,5 +316,5 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         macs_before=macs0, macs_after=macs1, widths_before=widths0, widths_after=graph.widths(),
         removed=sum(len(v) for v in plan.values()), seconds=time.perf_counter() - start,
         batches=engine.batches if engine is not None else 0,
-        extra={"fraction": fraction, "allocator": allocator},
+        extra=extra,
     )

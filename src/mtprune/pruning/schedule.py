@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,16 +25,18 @@ from torch.utils.data import DataLoader, Dataset
 from ..engine.batch import collate
 from ..engine.checkpoint import load_model_state
 from ..engine.evaluate import evaluate
-from ..engine.trainer import TrainConfig, Trainer
+from ..engine.trainer import TrainConfig, Trainer, set_data_epoch
 from ..io import load as load_model
 from ..io import save as save_model
 from ..tasks import Task
 from ..utils.atomic import atomic_write_json
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import input_spec
 from ..utils.runtime import seed_everything
 from .allocate import plan_removal
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph, apply_widths
+from .latency import model_latency
 from .prune import as_losses, count, criterion_scores, prune
 from .stats import StatisticsEngine
 
@@ -94,13 +96,25 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
                     target_macs: float | None = None, target_params: float | None = None, steps: int = 3,
                     finetune: TrainConfig | None = None, stats_batches: int = 8, stats_batch_size: int = 8,
                     rebuild: Callable[[], nn.Module] | None = None, resume: bool = False,
-                    on_step: Callable[[StepRecord], None] | None = None, **prune_kw) -> tuple[nn.Module, list]:
+                    on_step: Callable[[StepRecord], None] | None = None, target_latency: float | None = None,
+                    target_latency_ms: float | None = None, **prune_kw) -> tuple[nn.Module, list]:
     """Prune in ``steps`` steps with fine-tuning between them. Returns the final model and the trajectory
-    (step 0 is the model as given). Each step writes ``steps/<i>/model.mtp`` and ``schedule.json``."""
-    if (target_macs is None) == (target_params is None):
-        raise MTPruneInputError("iterative_prune needs exactly one of target_macs, target_params")
-    goal = target_macs if target_macs is not None else target_params
-    if not 0 < goal < 1:
+    (step 0 is the model as given). Each step writes ``steps/<i>/model.mtp`` and ``schedule.json``.
+
+    A latency target (``target_latency``: fraction of the dense latency, ``target_latency_ms``: milliseconds, on
+    the device of ``latency=``, see ``mtprune.prune``) is approached geometrically too: step i prunes to
+    dense × (target / dense)^(i/steps), the dense latency being predicted once at step 0 (``extra["latency_ms"]``).
+    """
+    given = {k: v for k, v in {"target_macs": target_macs, "target_params": target_params,
+                                "target_latency": target_latency, "target_latency_ms": target_latency_ms}.items()
+             if v is not None}
+    if len(given) != 1:
+        raise MTPruneInputError("iterative_prune needs exactly one of target_macs, target_params, target_latency, "
+                                f"target_latency_ms (got {sorted(given)})")
+    (kind, goal), = given.items()
+    if kind == "target_latency_ms" and not 0 < goal < float("inf"):
+        raise MTPruneInputError(f"target_latency_ms must be a positive number of milliseconds, got {goal}")
+    if kind != "target_latency_ms" and not 0 < goal < 1:
         raise MTPruneInputError(f"the pruning target must be in (0, 1), got {goal}")
     run_dir = Path(run_dir)
     finetune = finetune or TrainConfig(epochs=1)
@@ -113,19 +127,31 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
         if done > 0:
             model = load_model(run_dir / "steps" / str(done) / "model.mtp", base=rebuild())
     else:
+        extra = {}
+        if kind.startswith("target_latency"):
+            extra["latency_ms"] = model_latency(model, example_inputs, prune_kw.get("latency"))
         records = [_record(0, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
-                           finetune.device, finetune.eval_batch_size or finetune.batch_size)]
+                           finetune.device, finetune.eval_batch_size or finetune.batch_size, extra=extra)]
         _write_state(run_dir, records)
     original = (records[0].params, records[0].macs)[pick]
+    if kind.startswith("target_latency"):
+        if "latency_ms" not in records[0].extra:
+            raise MTPruneInputError(f"{run_dir}: this schedule was started without a latency target; cannot resume "
+                                    "it with one")
+        dense_ms = float(records[0].extra["latency_ms"])
+        ratio = goal if kind == "target_latency" else goal / dense_ms
     for step in range(records[-1].step + 1, steps + 1):
         step_dir = run_dir / "steps" / str(step)
         pruned_path = step_dir / "pruned.mtp"
         if resume and pruned_path.is_file():
             model = load_model(pruned_path, base=rebuild())
         else:
-            current = count(model, example_inputs)[pick]
-            relative = min(original * goal ** (step / steps) / current, 0.999)
-            target = {"target_macs" if pick else "target_params": relative}
+            if kind.startswith("target_latency"):
+                target = {"target_latency_ms": dense_ms * min(ratio, 1.0) ** (step / steps)}
+            else:
+                current = count(model, example_inputs)[pick]
+                relative = min(original * goal ** (step / steps) / current, 0.999)
+                target = {"target_macs" if pick else "target_params": relative}
             data = _stats_loader(train_set, stats_batch_size, finetune.seed + step)
             with torch.random.fork_rng(devices=[]):  # the statistics (random augmentation included) depend on
                 torch.manual_seed(finetune.seed + step)  # (seed, step) only: a resumed run decides the same
@@ -154,6 +180,7 @@ def _batches(dataset: Dataset, batch_size: int, seed: int, start: int) -> Iterat
     it = start
     while True:
         epoch, offset = divmod(it, n)
+        set_data_epoch(dataset, epoch + 1)  # a procedural dataset serves fresh samples every epoch
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         loader = DataLoader(torch.utils.data.Subset(dataset, order[offset * batch_size:].tolist()),
                             batch_size=batch_size, generator=torch.Generator(),  # never draws the global RNG
@@ -175,8 +202,12 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
                       evals_per_interval: int = 2, lr: float = 5e-5, weight_decay: float = 1e-2,
                       restart_epochs: int = 10, batch_size: int = 8, min_channels: int = 5, seed: int = 0,
                       device: str = "auto", rebuild: Callable[[], nn.Module] | None = None, resume: bool = False,
-                      on_step: Callable[[StepRecord], None] | None = None) -> tuple[nn.Module, list]:
-    """Garg et al.'s interleaved schedule; stops after ``max_steps`` removals or once the target is met."""
+                      on_step: Callable[[StepRecord], None] | None = None,
+                      exclude_parts: Iterable[str] = ()) -> tuple[nn.Module, list]:
+    """Garg et al.'s interleaved schedule; stops after ``max_steps`` removals or once the target is met.
+
+    ``exclude_parts``: parts (``ChannelGroup.part``, e.g. the task names of the heads) whose filters are never
+    removed; with every head excluded only backbone filters are candidates, as in Garg et al."""
     from ..utils.runtime import resolve_device
 
     run_dir = Path(run_dir)
@@ -184,6 +215,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
     rebuild = rebuild or _default_rebuild(model)
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     losses = as_losses(tasks)
+    excluded = set(exclude_parts)
     records = _read_state(run_dir) if resume else []
     if records and records[-1].step > 0:
         model = load_model(run_dir / "steps" / str(records[-1].step) / "model.mtp", base=rebuild())
@@ -231,6 +263,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         if best_state is not None:
             model.load_state_dict(best_state)
         scores = criterion_scores(model, graph, crit, engine=engine)
+        scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
         candidates = sum(g.channels for g in graph.groups if g.index in scores)
         plan = plan_removal(graph.groups, scores, min(filters_per_step / max(candidates, 1), 1.0),
                             normalize=crit.normalize, min_channels=min_channels)
@@ -244,6 +277,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         _write_state(run_dir, records)
         if on_step:
             on_step(records[-1])
+    set_data_epoch(train_set, 0)  # as after a training run: later readers see the stored pool
     return model, records
 
 
@@ -257,5 +291,5 @@ def rebuild_from_widths(rebuild: Callable[[], nn.Module], example_inputs: Tensor
     for module in model.modules():
         if hasattr(module, "reset_parameters") and module is not model:
             module.reset_parameters()
-    model.mtprune_input_shape = list(example_inputs.shape[1:])
+    model.mtprune_input_shape = input_spec(example_inputs)
     return model

@@ -1,0 +1,188 @@
+"""Sections of the ``speed`` suite that compare pruners side by side (called from ``bench/speed.py``).
+
+5. **Side by side at one target.** For each model and target t, in one process: the dense model, mtprune at
+   MACs t (``l1``, global ranking), mtprune at latency t (``target_latency=t``: a latency table measured on the
+   benchmark's device, threads and batch, widths rounded to the device's channel blocking, ``round_to="auto"``),
+   and Torch-Pruning's ``MetaPruner`` (magnitude, one uniform channel ratio found by bisection so that its MACs
+   match t). The four forwards are timed in rotation, one run each per round, so that load drift hits all alike;
+   the table gives each one's minimum and the median per-round speed-up over dense. **Fidelity** is speed-up ×
+   MACs kept (1.0: latency falls exactly as MACs do). The latency row also says whether the measured latency
+   ratio lies within 5 % of t.
+6. **Time to prune.** ``mtprune.prune`` (``l1``, ``target_macs``) against Torch-Pruning's ``MetaPruner``
+   (``GroupMagnitudeImportance``, uniform ratio ``1 - sqrt(t)``, which keeps about t of the MACs) on torchvision
+   classifiers with two task heads, wall time of each call on the same input; finding the protected predictors
+   for Torch-Pruning is not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..measure import measure_latency
+from ..pruning.graph import PruningGraph, torch_pruning_magnitude
+from ..pruning.prune import count, prune
+
+PRUNE_TIME_MODELS = ("densenet121", "resnet50", "efficientnet_b0")
+VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
+
+
+@dataclass(frozen=True)
+class Compare:
+    targets: tuple[float, ...]
+    table_grid: int  # latency table: points per width dimension
+    table_repeats: int
+    table_warmup: int
+    prune_models: tuple[str, ...]
+    prune_input: int
+    prune_targets: tuple[float, ...]
+    models: tuple[str, ...] | None = None  # labels of the suite's models compared side by side (None: all)
+    tp_trials: int = 8  # bisection steps for Torch-Pruning's channel ratio
+
+
+COMPARE = {
+    "small": Compare((0.5,), 2, 1, 0, ("resnet18",), 32, (0.5,), ("MobileNetV2 + DeepLab-v3 ASPP",), 4),
+    "cpu": Compare((0.5, 0.25, 0.1), 6, 5, 2, PRUNE_TIME_MODELS, 224, (0.5,)),
+    "gpu": Compare((0.5, 0.25, 0.1), 6, 10, 3, PRUNE_TIME_MODELS, 224, (0.5,)),
+}
+
+
+class TwoHeads(nn.Module):
+    """A torchvision classifier's convolutional features with two task heads: ``seg`` (1×1 convs, 5 classes)
+    and ``cls`` (pooled linear, 10 classes)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None)
+        self.features = nn.Sequential(*list(net.children())[:-2]) if name.startswith("resnet") else net.features
+        with torch.no_grad():
+            channels = self.features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.heads = nn.ModuleDict({
+            "seg": nn.Sequential(nn.Conv2d(channels, 64, 1), nn.ReLU(), nn.Conv2d(64, 5, 1)),
+            "cls": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)),
+        })
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.features(x)
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+def prune_time_entry(name: str, size: int, target: float, seed: int = 0) -> dict:
+    """Wall time of ``mtprune.prune`` and of Torch-Pruning's MetaPruner on the same model and target."""
+    x = torch.zeros(1, 3, size, size)
+    torch.manual_seed(seed)
+    mine = TwoHeads(name).eval()
+    theirs = copy.deepcopy(mine)
+    protected = PruningGraph(theirs, x).protected  # not timed; also imports Torch-Pruning before either is timed
+    macs0 = count(theirs, x)[1]
+    t0 = time.perf_counter()
+    report = prune(mine, x, "l1", target_macs=target)
+    t_mine = time.perf_counter() - t0
+    ratio = 1 - math.sqrt(target)
+    t0 = time.perf_counter()
+    torch_pruning_magnitude(theirs, x, ratio, protected=protected)
+    t_theirs = time.perf_counter() - t0
+    return {"model": name, "input": [3, size, size], "target_macs": target, "mtprune_s": t_mine,
+            "torch_pruning_s": t_theirs, "ratio": t_mine / t_theirs, "within_2x": t_mine <= 2 * t_theirs,
+            "mtprune_macs_ratio": report.macs_ratio, "torch_pruning_macs_ratio": count(theirs, x)[1] / macs0,
+            "torch_pruning_ratio": ratio}
+
+
+def _tp_at_macs(dense: nn.Module, x1: Tensor, target: float, trials: int = 8) -> tuple[nn.Module, float]:
+    """Torch-Pruning's uniform magnitude pruning at the channel ratio whose MACs come closest to ``target``."""
+    protected = PruningGraph(dense, x1).protected
+    macs0 = count(dense, x1)[1]
+    lo, hi = 0.0, 0.95
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(trials):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(dense)
+        torch_pruning_magnitude(trial, x1, mid, protected=protected)
+        kept = count(trial, x1)[1] / macs0
+        if best is None or abs(kept - target) < abs(best[0] - target):
+            best = (kept, trial, mid)
+        lo, hi = (mid, hi) if kept > target else (lo, mid)
+    return best[1], best[2]
+
+
+def _rotating(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(measure_latency(fn, warmup=1, repeats=1, device=device))
+    return times
+
+
+def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], batch: int, repeats: int,
+                       tolerance: float, min_channels: int, device: torch.device, threads: int, cmp: Compare,
+                       table_dir: Path) -> dict:
+    """Dense, mtprune at MACs ``target``, mtprune at latency ``target`` and Torch-Pruning at MACs ``target``."""
+    h, w = input_hw
+    x1 = torch.zeros(1, 3, h, w)
+    at_macs = copy.deepcopy(dense)
+    r_macs = prune(at_macs, x1, "l1", target_macs=target, min_channels=min_channels, tolerance=tolerance)
+    at_latency = copy.deepcopy(dense)
+    setting = {"device": str(device), "threads": threads if device.type == "cpu" else None, "batch": batch,
+               "grid": cmp.table_grid, "repeats": cmp.table_repeats, "warmup": cmp.table_warmup,
+               "cache_dir": str(table_dir)}
+    t0 = time.perf_counter()
+    r_lat = prune(at_latency, x1, "l1", target_latency=target, latency=setting, min_channels=min_channels,
+                  round_to="auto")
+    latency_prune_s = time.perf_counter() - t0
+    tp, tp_ratio = _tp_at_macs(dense, x1, target, cmp.tp_trials)
+    macs0 = count(dense, x1)[1]
+    nets = {"dense": dense, "mtprune_macs": at_macs, "mtprune_latency": at_latency, "torch_pruning": tp}
+    kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
+    xb = torch.rand(batch, 3, h, w, device=device)
+    nets = {k: n.to(device).eval() for k, n in nets.items()}
+    times = _rotating({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device)
+    rows = {}
+    for k in VARIANTS:
+        speedups = [d / p for d, p in zip(times["dense"], times[k], strict=True)]
+        speedup = statistics.median(speedups)
+        rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
+                   "fidelity": speedup * kept[k]}
+    measured = 1 / rows["mtprune_latency"]["speedup"]
+    rows["mtprune_latency"].update({
+        "latency_ratio": measured, "within_5pct": abs(measured - target) <= 0.05 * target,
+        "predicted_ratio": r_lat.extra["latency"]["predicted_ratio"], "prune_s": latency_prune_s,
+        "table": r_lat.extra["latency"]["setting"]})
+    rows["torch_pruning"]["channel_ratio"] = tp_ratio
+    rows["mtprune_macs"]["macs_ratio_reported"] = r_macs.macs_ratio
+    for n in nets.values():
+        n.cpu()
+    return {"target": target, **rows}
+
+
+def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
+    """The two sections' tables."""
+    lines = ["", "## Side by side: dense, mtprune at equal MACs, mtprune at equal latency, Torch-Pruning", "",
+             "Fidelity = speed-up × MACs kept (1.0: latency falls as MACs do). The latency row prunes to "
+             "`target_latency` = the target with a latency table of this device; ✓ when the measured latency ratio "
+             "lies within 5 % of the target.", "",
+             "| model | target | variant | ms | speed-up | MACs kept | fidelity | latency ratio (predicted) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in side:
+        for k in VARIANTS:
+            v = row[k]
+            extra = (f"{v['latency_ratio']:.3f} ({v['predicted_ratio']:.3f}) {'✓' if v['within_5pct'] else '✗'}"
+                     if k == "mtprune_latency" else "")
+            lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "
+                         f"{v['macs_kept']:.3f} | {v['fidelity']:.2f} | {extra} |")
+    lines += ["", "## Time to prune: mtprune.prune against Torch-Pruning's MetaPruner", "",
+              "| model | input | MACs target | mtprune s | Torch-Pruning s | ratio | MACs kept (mtprune / TP) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in prune_time:
+        lines.append(f"| {r['model']} | {r['input'][1]}² | {r['target_macs']} | {r['mtprune_s']:.1f} | "
+                     f"{r['torch_pruning_s']:.1f} | {r['ratio']:.2f}{'' if r['within_2x'] else ' (> 2×)'} | "
+                     f"{r['mtprune_macs_ratio']:.3f} / {r['torch_pruning_macs_ratio']:.3f} |")
+    return lines

@@ -1,0 +1,349 @@
+"""Latency of a pruned configuration on the user's device, from a per-layer lookup table (HALP-style).
+
+Shen et al., "Structural Pruning via Latency-Saliency Knapsack" (HALP, NeurIPS 2022) prune to a latency budget
+with a latency lookup table: each layer's latency as a function of its input and output widths. This module
+builds such a table for a multi-task model and predicts the latency of any pruned configuration without surgery:
+
+- **Signature of a layer**: op kind (conv, pointwise, depthwise, grouped, linear, conv_transpose), kernel,
+  stride, padding, dilation, groups, bias, the dense in/out widths, the input's spatial (or token) size and batch.
+  Layers with the same signature (ResNet blocks repeat) are measured once.
+- **Table**: each layer kind is run alone (fresh weights, random input) at a grid of widths, ``grid`` points per
+  prunable width dimension (depthwise: one dimension), median of ``repeats`` runs after ``warmup``, then made
+  non-decreasing in each width; between grid points it is interpolated (bilinear).
+- **Cache**: one JSON file per device and setting (device name, threads, batch, dtype, torch version) under
+  ``~/.cache/mtprune/latency/`` (``$MTPRUNE_CACHE/latency`` if set, or ``LatencySetting.cache_dir``), written
+  atomically; entries measured once are reused by every later run with the same setting.
+- **Calibration**: the dense model is timed once as a whole. What the table does not cover (norms, activations,
+  adds, upsampling: memory-bound, roughly proportional to the activations) is spread over the layers in
+  proportion to their output activations; if the isolated layers sum to more than the whole model, the table is
+  scaled down instead.
+
+``LatencySetting.table`` injects a table (``fn(layer, cin, cout) -> ms``; no timing), e.g. for tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..measure import measure_latency
+from ..utils.atomic import atomic_write_json
+from ..utils.errors import MTPruneInputError
+from ..utils.inputs import call_model, first_samples, map_tensors
+from .cost import CostModel, LayerShape, Plan
+
+__all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "hardware_round_to", "latency_model", "model_latency"]
+
+Table = Callable[[LayerShape, int, int], float]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MTPRUNE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "mtprune") / "latency"
+
+
+@dataclass(frozen=True)
+class LatencySetting:
+    """Where and how latency is measured: ``device`` ("cpu", "cuda", "cuda:N"), CPU ``threads`` (default: the
+    current ``torch.get_num_threads()``), ``batch``, ``dtype`` ("float32", "float16", "bfloat16"), ``grid``
+    points per width dimension, ``warmup``/``repeats`` per timing, the cache folder, whether the dense model is
+    timed to calibrate the table, and an optional injected ``table`` (no timing at all)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch: int = 1
+    dtype: str = "float32"
+    grid: int = 6
+    warmup: int = 2
+    repeats: int = 5
+    cache_dir: str | None = None
+    calibrate: bool = True
+    table: Table | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, value: LatencySetting | Mapping[str, Any] | None) -> LatencySetting:
+        """A setting from itself, a dict of its fields, or ``None`` (the defaults); bad values are refused."""
+        if value is None:
+            return cls()
+        if isinstance(value, LatencySetting):
+            s = value
+        elif isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise MTPruneInputError(f"latency setting: unknown keys {unknown}; known: "
+                                        f"{[f.name for f in fields(cls)]}")
+            s = cls(**value)
+        else:
+            raise MTPruneInputError(f"latency must be a LatencySetting or a dict, got {type(value).__name__}")
+        s._check()
+        return s
+
+    def _check(self) -> None:
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise MTPruneInputError(f"latency device {self.device!r} is not a device name (cpu, cuda, cuda:N)"
+                                    ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise MTPruneInputError(f"latency device must be cpu or cuda, got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available() and self.table is None:
+            raise MTPruneInputError(f"latency device {self.device!r}: CUDA is not available")
+        if self.dtype not in DTYPES:
+            raise MTPruneInputError(f"latency dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch", "grid", "repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "grid" else 1):
+                raise MTPruneInputError(f"latency {name} must be an int >= {2 if name == 'grid' else 1}, got {v!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise MTPruneInputError(f"latency threads must be a positive int, got {self.threads!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        """The setting as recorded in reports and cache files (the device named)."""
+        dev = self.torch_device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (
+            f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
+        return {"device": str(dev), "device_name": name,
+                "threads": self.threads or torch.get_num_threads() if dev.type == "cpu" else None,
+                "batch": self.batch, "dtype": self.dtype, "torch": torch.__version__, "grid": self.grid}
+
+    def key(self) -> str:
+        """The cache file's name: readable, plus a hash of everything that changes the timings."""
+        d = self.describe()
+        digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        dev = self.torch_device.type
+        return f"{dev}-{d['threads'] or 'gpu'}t-b{self.batch}-{self.dtype}-{digest}"
+
+
+def hardware_round_to(setting: LatencySetting | None = None) -> dict[str, int]:
+    """Per-kind ``round_to`` that suits the device: on x86 CPUs oneDNN runs depthwise and 1×1 convolutions in
+    blocks of 8 channels (AVX2) or 16 (AVX-512); on CUDA, tensor cores want multiples of 8."""
+    setting = setting or LatencySetting()
+    if setting.torch_device.type == "cuda":
+        return {"default": 8}
+    block = 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
+    return {"depthwise": block, "pointwise": block}
+
+
+# ------------------------------------------------------------------ the measured table
+def _signature(layer: LayerShape) -> str:
+    spatial = layer.in_shape[:-1] if layer.kind == "linear" else layer.in_shape[1:]
+    bits = [layer.kind, f"k{list(layer.kernel)}", f"s{list(layer.stride)}", f"p{layer.padding}",
+            f"d{list(layer.dilation)}", f"g{layer.groups}", f"bias{int(layer.bias)}", f"x{list(spatial)}",
+            f"c{layer.cin}x{layer.cout}", f"prune{int(layer.prune_in)}{int(layer.prune_out)}"]
+    return "|".join(bits)
+
+
+def _points(width: int, prunable: bool, grid: int) -> list[int]:
+    if not prunable:
+        return [width]
+    return sorted({max(1, round(width * i / grid)) for i in range(1, grid + 1)})
+
+
+def _standalone(layer: LayerShape, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """The layer alone at widths (``cin``, ``cout``), and its input's shape (batch excluded)."""
+    if layer.kind == "linear":
+        return nn.Linear(cin, cout, bias=layer.bias), (*layer.in_shape[:-1], cin)
+    dims = len(layer.kernel)
+    transposed = layer.kind == "conv_transpose"
+    cls = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d),
+           3: (nn.Conv3d, nn.ConvTranspose3d)}[dims][int(transposed)]
+    groups = cin if layer.kind == "depthwise" else layer.groups
+    kw = {"padding": layer.padding} if not transposed or not isinstance(layer.padding, str) else {}
+    module = cls(cin, cout, layer.kernel, stride=layer.stride, dilation=layer.dilation, groups=groups,
+                 bias=layer.bias, **kw)
+    return module, (cin, *layer.in_shape[1:])
+
+
+class _Threads:
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+class LatencyTable:
+    """Per-layer latency over widths, measured on the setting's device and cached on disk (see the module doc)."""
+
+    def __init__(self, setting: LatencySetting) -> None:
+        self.setting = setting
+        self.path = Path(setting.cache_dir or default_cache_dir()) / f"{setting.key()}.json"
+        self.entries: dict[str, dict[str, list]] = self._read()
+        self.measured = 0  # entries timed by this object (the rest came from the cache)
+
+    def _read(self) -> dict[str, dict[str, list]]:
+        try:
+            return dict(json.loads(self.path.read_text()).get("entries", {}))
+        except (OSError, ValueError, AttributeError):
+            return {}  # no cache yet, or a damaged one: measured again
+
+    def _time(self, layer: LayerShape, cin: int, cout: int) -> float:
+        s = self.setting
+        dev, dtype = s.torch_device, DTYPES[s.dtype]
+        torch.manual_seed(0)
+        module, shape = _standalone(layer, cin, cout)
+        module = module.to(dev, dtype).eval()
+        x = torch.randn(s.batch, *shape, device=dev, dtype=dtype)
+        return measure_latency(lambda: module(x), warmup=s.warmup, repeats=s.repeats, device=dev)
+
+    def _measure(self, layer: LayerShape) -> dict[str, list]:
+        if not layer.in_shape:  # never called as a module (a functional call on its weight): left to calibration
+            return {"cin": [layer.cin], "cout": [layer.cout], "ms": [[0.0]]}
+        g = self.setting.grid
+        ins = [layer.cout] if layer.kind == "depthwise" else _points(layer.cin, layer.prune_in, g)
+        outs = _points(layer.cout, layer.prune_out, g)
+        with _Threads(self.setting.threads), torch.inference_mode():
+            ms = [[self._time(layer, ci if layer.kind != "depthwise" else co, co) for co in outs] for ci in ins]
+        for i in range(len(ins)):  # more channels never run faster: the table is made non-decreasing
+            for j in range(len(outs)):
+                ms[i][j] = max([ms[i][j]] + ([ms[i - 1][j]] if i else []) + ([ms[i][j - 1]] if j else []))
+        return {"cin": ins, "cout": outs, "ms": ms}
+
+    def prepare(self, layers: Iterable[LayerShape]) -> None:
+        """Measure every layer signature not in the cache yet, then write the cache (atomically)."""
+        missing = {}
+        for layer in layers:
+            key = _signature(layer)
+            if key not in self.entries and key not in missing:
+                missing[key] = layer
+        if not missing:
+            return
+        for key, layer in missing.items():
+            self.entries[key] = self._measure(layer)
+            self.measured += 1
+        merged = {**self._read(), **self.entries}  # keep what another process wrote meanwhile
+        atomic_write_json(self.path, {"setting": self.setting.describe(), "entries": merged})
+
+    def __call__(self, layer: LayerShape, cin: int, cout: int) -> float:
+        e = self.entries[_signature(layer)]
+        if layer.kind == "depthwise":
+            return _interp1(e["cout"], e["ms"][0], cout)
+        return _interp2(e["cin"], e["cout"], e["ms"], cin, cout)
+
+
+def _bracket(points: list[int], v: float) -> tuple[int, int, float]:
+    if len(points) == 1 or v <= points[0]:
+        return 0, 0, 0.0
+    if v >= points[-1]:
+        return len(points) - 1, len(points) - 1, 0.0
+    j = bisect.bisect_left(points, v)
+    i = j - 1
+    return i, j, (v - points[i]) / (points[j] - points[i])
+
+
+def _interp1(points: list[int], values: list[float], v: float) -> float:
+    i, j, t = _bracket(points, v)
+    return values[i] * (1 - t) + values[j] * t
+
+
+def _interp2(rows: list[int], cols: list[int], ms: list[list[float]], r: float, c: float) -> float:
+    i0, i1, u = _bracket(rows, r)
+    a, b = _interp1(cols, ms[i0], c), _interp1(cols, ms[i1], c)
+    return a * (1 - u) + b * u
+
+
+# ------------------------------------------------------------------ the model's latency
+class LatencyModel:
+    """Predicted latency (ms) of pruned configurations of one model: Σ over layers of ``layer_cost``.
+
+    ``layer_cost(layer, cin, cout) = alpha * table(layer, cin, cout) + beta * (its output activations / all
+    output activations of the dense model)``, where ``alpha``/``beta`` calibrate the sum of the isolated layers to
+    the measured dense latency (``dense_measured_ms``; without it ``alpha = 1, beta = 0``).
+    """
+
+    def __init__(self, cost: CostModel, table: Table, dense_measured_ms: float | None = None,
+                 setting: LatencySetting | None = None) -> None:
+        self.cost, self.table, self.setting = cost, table, setting
+        self._volume = {n: (_numel(s.out_shape) / s.cout if s.cout else 0.0) for n, s in cost.layers.items()}
+        volume0 = sum(v * cost.layers[n].cout for n, v in self._volume.items()) or 1.0
+        layers0 = sum(table(s, s.cin, s.cout) for s in cost.layers.values())
+        self.table_dense_ms = layers0
+        self.measured_ms = dense_measured_ms
+        self.alpha, self.beta = 1.0, 0.0
+        if dense_measured_ms is not None and layers0 > 0:
+            if dense_measured_ms >= layers0:
+                self.beta = (dense_measured_ms - layers0) / volume0
+            else:
+                self.alpha = dense_measured_ms / layers0
+
+    def layer_cost(self, name: str, cin: int, cout: int) -> float:
+        s = self.cost.layers[name]
+        return self.alpha * self.table(s, cin, cout) + self.beta * self._volume[name] * cout
+
+    def predict(self, plan: Plan) -> float:
+        """Predicted latency (ms) once ``plan`` is applied."""
+        return self.cost.total(plan, self.layer_cost)
+
+    @property
+    def dense_ms(self) -> float:
+        return self.predict({})
+
+    def describe(self) -> dict[str, Any]:
+        return {"setting": self.setting.describe() if self.setting else None, "dense_predicted_ms": self.dense_ms,
+                "dense_measured_ms": self.measured_ms, "table_dense_ms": self.table_dense_ms,
+                "alpha": self.alpha, "beta_ms": self.beta}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def measure_model_ms(model: nn.Module, example_inputs: Any, setting: LatencySetting) -> float:
+    """Median latency (ms) of the whole model in the setting (a copy is moved to the device and dtype)."""
+    dev, dtype = setting.torch_device, DTYPES[setting.dtype]
+    net = copy.deepcopy(model).to(dev, dtype).eval()
+    x = map_tensors(first_samples(example_inputs),
+                    lambda t: t.expand(setting.batch, *t.shape[1:]).contiguous().to(dev, dtype)
+                    if t.is_floating_point() else t.expand(setting.batch, *t.shape[1:]).to(dev))
+    with _Threads(setting.threads):
+        return measure_latency(lambda: call_model(net, x), warmup=setting.warmup, repeats=max(setting.repeats, 5),
+                               device=dev)
+
+
+def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel,
+                  setting: LatencySetting | Mapping[str, Any] | None = None) -> LatencyModel:
+    """The latency model of ``model`` (dense, as ``cost`` was built on it): the table is loaded from the cache or
+    measured, and the dense model timed once to calibrate it (unless ``calibrate`` is off or a table injected)."""
+    s = LatencySetting.parse(setting)
+    table: Table = s.table if s.table is not None else LatencyTable(s)
+    prepare = getattr(table, "prepare", None)
+    if prepare is not None:
+        prepare(cost.layers.values())
+    dense = measure_model_ms(model, example_inputs, s) if s.calibrate and s.table is None else None
+    return LatencyModel(cost, table, dense, s)
+
+
+def model_latency(model: nn.Module, example_inputs: Any,
+                  setting: LatencySetting | Mapping[str, Any] | None = None) -> float:
+    """Predicted latency (ms) of ``model`` as it is, in ``setting`` (with a measured table: its measured latency)."""
+    return latency_model(model, example_inputs, CostModel(model, example_inputs, None), setting).dense_ms
+
+
+def setting_dict(setting: LatencySetting) -> dict[str, Any]:
+    """The JSON-able fields of a setting (the injected table left out)."""
+    return {f.name: getattr(setting, f.name) for f in fields(setting) if f.name != "table"}
