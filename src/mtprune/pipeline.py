@@ -22,6 +22,7 @@ from .engine.trainer import Trainer
 from .io import load as load_model
 from .io import save as save_model
 from .measure import profile
+from .pruning.attention import head_layout
 from .pruning.graph import PruningGraph
 from .pruning.prune import as_losses, prune
 from .pruning.schedule import StepRecord, interleaved_prune, iterative_prune, rebuild_from_widths
@@ -136,7 +137,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
         rows.insert(0, {"name": "untrained", "metrics": untrained,
                         "delta_m": _safe_delta_m(untrained, dense_metrics, tasks), **same_cost})
     if p.retrain_from_scratch:
-        scratch = rebuild_from_widths(rebuild, x, widths_after, seed=cfg.seed)
+        scratch = rebuild_from_widths(rebuild, x, widths_after, seed=cfg.seed, heads=head_layout(model))
         opts = recipe.train_options(cfg, quiet=quiet, resume=resume and (run_dir / "scratch").is_dir())
         Trainer(scratch, tasks, train_set, val_set, run_dir / "scratch", opts).fit()
         _load_best(scratch, run_dir / "scratch")

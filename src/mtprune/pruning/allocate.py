@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..utils.errors import MTPruneInputError
-from .attention import select_heads
+from .attention import HeadSpec, select_heads
 from .cost import Tracker
 from .graph import ChannelGroup
 
@@ -124,6 +124,33 @@ def _keeps(group: ChannelGroup, cap: int, step: int) -> list[int]:
     return out
 
 
+class _HeadWalk:
+    """A head group's removals in ``plan_for_cost``: nested head-consistent sets ``(n, r)``, the ``n`` heads of
+    lowest summed score whole and the ``r`` lowest channels of every other head (``attention.select_heads``'s
+    removals, ranked the same way), so that every step keeps the group valid and costs what the pruned model
+    costs. A step adds one whole head (``n + 1``) or one channel per remaining head (``r + 1``)."""
+
+    def __init__(self, spec: HeadSpec, scores: Tensor, keep_at_least: int) -> None:
+        self.spec, self.keep_at_least = spec, max(keep_at_least, 1)
+        s = scores.detach().double().reshape(spec.num_heads, spec.head_dim)
+        self.rank = s.sum(1).argsort(stable=True).tolist()
+        self.order = s.argsort(dim=1, stable=True).tolist()
+        self.state = (0, 0)
+
+    def channels(self, n: int, r: int) -> list[int]:
+        d = self.spec.head_dim
+        gone = [h * d + j for h in self.rank[:n] for j in range(d)]
+        return sorted(gone + [h * d + self.order[h][j] for h in self.rank[n:] for j in range(r)])
+
+    def moves(self) -> list[tuple[list[int], tuple[int, int]]]:
+        """``(channels added, next state)`` of each allowed step."""
+        n, r = self.state
+        nxt = [(n + 1, r)] + ([] if self.spec.whole_heads_only else [(n, r + 1)])
+        now = set(self.channels(n, r))
+        return [([c for c in self.channels(*st) if c not in now], st) for st in nxt
+                if (self.spec.num_heads - st[0]) * (self.spec.head_dim - st[1]) >= self.keep_at_least]
+
+
 def plan_for_cost(groups: list[ChannelGroup], scores: Mapping[int, Tensor], tracker: Tracker, goal: float, *,
                   normalize: str = "none", min_channels: int = 5, round_to: RoundTo = 1,
                   part_ratios: Mapping[str, float] | None = None, mode: str = "global",
@@ -132,7 +159,10 @@ def plan_for_cost(groups: list[ChannelGroup], scores: Mapping[int, Tensor], trac
     importance per unit of cost (HALP, Shen et al., NeurIPS 2022).
 
     Each group's channels leave lowest score first, in blocks that keep its width a multiple of its
-    ``round_to``. The block removed next is the one with the least importance (sum of its normalized scores)
+    ``round_to``; a group holding attention heads (``ChannelGroup.heads``) loses a whole head or one channel of
+    every remaining head at a time (``_HeadWalk``; its ``round_to`` does not apply), so the plan is one that
+    ``PruningGraph.prune`` applies unchanged and the tracked cost is the pruned model's. The block removed next
+    is the one with the least importance (sum of its normalized scores)
     per unit of cost it saves, given the widths of the moment: the cost of a layer depends on both the groups
     of its inputs and of its outputs, so a block's saving is re-evaluated when it comes up (lazy greedy) and
     re-queued if it changed. Groups of parts with a fixed ratio in ``part_ratios`` are pruned first, at that
@@ -153,50 +183,71 @@ def plan_for_cost(groups: list[ChannelGroup], scores: Mapping[int, Tensor], trac
     order = {g.index: torch.argsort(scores[g.index].float(), stable=True).tolist() for g in free}
     value = {g.index: _normalized(scores[g.index].float(), normalize) for g in free}
     widths = {g.index: g.channels for g in free}
+    walks = {g.index: _HeadWalk(g.heads, scores[g.index], min_channels) for g in free if g.heads is not None}
     steps = {g.index: _keeps(g, _cap(g, min_channels),
                              round_to.get(g.index, 1) if isinstance(round_to, Mapping) else max(round_to, 1))
              for g in free}
     scale = max(abs(tracker.value), 1e-30) * 1e-12
 
-    def entry(gi: int) -> tuple | None:
+    def moves(gi: int) -> list[tuple[list[int], object]]:
+        if gi in walks:
+            return walks[gi].moves()
         if not steps[gi]:
-            return None
-        keep = steps[gi][0]
-        block = order[gi][len(order[gi]) - widths[gi]:len(order[gi]) - keep]
-        importance = float(value[gi][block].sum())
-        saving = -tracker.delta(gi, block)
-        key = (0, importance / saving) if saving > scale else (1, importance)
-        return key, gi, block, importance, saving
+            return []
+        n, keep = len(order[gi]), steps[gi][0]
+        return [(order[gi][n - widths[gi]:n - keep], keep)]
 
-    def last_block() -> tuple[int, list[int]] | None:
+    def entry(gi: int, limit: float = math.inf) -> tuple | None:
+        """The group's best next block that saves at most ``limit``: (key, group, block, importance, saving,
+        next state)."""
+        best = None
+        for block, state in moves(gi):
+            importance = float(value[gi][block].sum())
+            saving = -tracker.delta(gi, block)
+            if saving > limit:
+                continue
+            key = (0, importance / saving) if saving > scale else (1, importance)
+            if best is None or key < best[0]:
+                best = (key, gi, block, importance, saving, state)
+        return best
+
+    def advance(gi: int, block: list[int], state: object) -> None:
+        tracker.apply(gi, block)
+        if gi in walks:
+            walks[gi].state = state
+        else:
+            widths[gi] = state
+            steps[gi].pop(0)
+
+    def last_block() -> tuple | None:
         """Among the blocks that alone bring the cost down to ``goal``, the one that loses the least importance."""
         gap = tracker.value - goal
-        done = [e for e in (entry(g.index) for g in free) if e is not None and e[4] >= gap]
-        return min(done, key=lambda e: (e[3], e[1]))[1:3] if done else None
+        done = [(float(value[g.index][block].sum()), g.index, block, state) for g in free
+                for block, state in moves(g.index) if -tracker.delta(g.index, block) >= gap]
+        return min(done, key=lambda e: e[:2])[1:] if done else None
 
     heap = [e for e in (entry(g.index) for g in free) if e is not None]
     heapq.heapify(heap)
     while heap and tracker.value > goal:
         gi = heapq.heappop(heap)[1]
-        fresh = entry(gi)  # the widths around this group may have changed since it was queued
+        # the widths around this group may have changed since it was queued; a block that would overshoot the
+        # goal by more than the tolerance is left out: smaller blocks first
+        fresh = entry(gi, tracker.value - goal + tolerance * goal)
         if fresh is None:
             continue
         if heap and fresh[0] > heap[0][0]:
             heapq.heappush(heap, fresh)
             continue
-        if fresh[4] > tracker.value - goal + tolerance * goal:
-            continue  # it would overshoot the goal by more than the tolerance: smaller blocks first
-        tracker.apply(gi, fresh[2])
-        widths[gi] = steps[gi].pop(0)
+        advance(gi, fresh[2], fresh[5])
         nxt = entry(gi)
         if nxt is not None:
             heapq.heappush(heap, nxt)
     finish = last_block() if tracker.value > goal else None
     if finish is not None:  # only blocks that overshoot are left: the one losing the least importance
-        gi, block = finish
-        tracker.apply(gi, block)
-        widths[gi] = steps[gi].pop(0)
+        advance(*finish)
     for g in free:
-        if widths[g.index] < g.channels:
+        if g.index in walks and walks[g.index].state != (0, 0):
+            plan[g.index] = walks[g.index].channels(*walks[g.index].state)
+        elif g.index not in walks and widths[g.index] < g.channels:
             plan[g.index] = sorted(order[g.index][:g.channels - widths[g.index]])
     return plan

@@ -224,8 +224,9 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     al. 2019; Garg et al. 2023) let layers with large score scales keep their filters, "mean" divides each
     group's scores by their mean first.
 
-    ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp/``) needs ``target_macs``, ``data`` and ``losses``;
-    ``pagcp`` holds its settings (``PAGCPSettings`` fields) and its report lands in ``extra["pagcp"]``.
+    ``allocator="pagcp"`` (Ye et al. 2023, ``pruning/pagcp/``) needs ``target_macs`` (or a latency target: its
+    rounds then cost trials in predicted milliseconds), ``data`` and ``losses``; ``pagcp`` holds its settings
+    (``PAGCPSettings`` fields) and its report lands in ``extra["pagcp"]``.
 
     Pruning replaces Parameter objects: rebuild optimizers (and EMA, DDP wrappers) afterwards.
     """
@@ -254,13 +255,12 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     if bad:
         raise MTPruneInputError(f"part_ratios must be fractions in [0, 1), got {bad}")
     if allocator in LOOP_ALLOCATORS:  # pagcp: allocation under per-task loss constraints (pruning/pagcp/)
-        if name.startswith("target_latency") or not isinstance(round_to, int):
-            raise MTPruneInputError(f"allocator {allocator!r} takes target_macs and an int round_to (no latency "
-                                    "target yet)")
+        if not isinstance(round_to, int):
+            raise MTPruneInputError(f"allocator {allocator!r} takes an int round_to, got {round_to!r}")
         return LOOP_ALLOCATORS[allocator](
             model, example_inputs, crit, target={name: value}, data=data, losses=losses, batches=batches,
             min_channels=min_channels, round_to=round_to, part_ratios=part_ratios, seed=seed, graph=graph,
-            engine=engine, settings=pagcp)
+            engine=engine, settings=pagcp, latency=lat_setting)
     cost = CostModel(model, example_inputs, graph)  # one forward: every later trial is costed from widths
     params0, macs0 = cost.params_total, cost.macs_total
     widths0 = graph.widths()

@@ -7,14 +7,15 @@
   before each removal the weights with the lowest validation loss are restored; AdamW with cosine annealing
   restarted every ``restart_epochs``. The per-layer width trajectory is recorded.
 - ``rebuild_from_widths``: the same architecture as a recorded pruned model, randomly re-initialised, for
-  Garg et al.'s comparison of fine-tuning against retraining from scratch.
+  Garg et al.'s comparison of fine-tuning against retraining from scratch. Every record keeps the attention head
+  layouts too (``StepRecord.heads``): widths alone do not tell 3 heads of 8 from 4 heads of 6.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ..utils.errors import MTPruneInputError
 from ..utils.inputs import input_spec
 from ..utils.runtime import seed_everything
 from .allocate import plan_removal
+from .attention import head_layout
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph, apply_widths
 from .latency import model_latency
@@ -52,6 +54,7 @@ class StepRecord:
     widths: dict[str, int]
     iteration: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [num_heads, head_dim]
 
 
 def _default_rebuild(model: nn.Module) -> Callable[[], nn.Module]:
@@ -88,7 +91,7 @@ def _record(step: int, model: nn.Module, example_inputs: Tensor, graph_widths: d
             val: Dataset, tasks: Mapping[str, Task], device: str, eval_batch_size: int, **kw) -> StepRecord:
     params, macs = count(model, example_inputs)
     metrics = evaluate(model, val, tasks, device=device, batch_size=eval_batch_size)
-    return StepRecord(step, params, macs, metrics, graph_widths, **kw)
+    return StepRecord(step, params, macs, metrics, graph_widths, heads=head_layout(model), **kw)
 
 
 def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str, Task], train_set: Dataset,
@@ -282,12 +285,14 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
 
 
 def rebuild_from_widths(rebuild: Callable[[], nn.Module], example_inputs: Tensor,
-                        widths: Mapping[str, int], seed: int = 0) -> nn.Module:
+                        widths: Mapping[str, int], seed: int = 0,
+                        heads: Mapping[str, Sequence[int]] | None = None) -> nn.Module:
     """A fresh model with the recorded widths and a new random initialisation (PyTorch's default init of each
-    layer, re-run after shrinking so the fan-in of the thin layers is respected)."""
+    layer, re-run after shrinking so the fan-in of the thin layers is respected). ``heads``: the record's head
+    layouts (``StepRecord.heads``), so attention is rebuilt with the pruned model's num_heads and head_dim."""
     torch.manual_seed(seed)
     model = rebuild()
-    apply_widths(model, example_inputs, dict(widths))
+    apply_widths(model, example_inputs, dict(widths), heads=dict(heads) if heads else None)
     for module in model.modules():
         if hasattr(module, "reset_parameters") and module is not model:
             module.reset_parameters()

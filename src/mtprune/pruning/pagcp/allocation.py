@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..attention import select_heads, snap_to_heads
 from ..graph import ChannelGroup, PruningGraph
 from .macs import MacsModel
 from .probe import Losses, LossProbe, check_reference
@@ -82,7 +83,8 @@ class LayerProbe:
     part: str
     channels: int
     order: int  # position in the round's order
-    probe_macs_saved: int  # MACs saved at probe_ratio (what orders the groups)
+    probe_macs_saved: int  # MACs saved at probe_ratio (what orders the groups); with a latency target ms, as
+    # delta_macs and sequence_macs (the round's cost: MacsModel or LatencyCost)
     theta: float  # the group's bound is 1 + theta
     ratio: float  # kept trial ratio
     removed: int  # channels removed at that ratio (before top-P selection and target fitting)
@@ -99,8 +101,9 @@ class LayerProbe:
 
     @property
     def efficiency(self) -> float:
-        """Δloss / ΔMACs: the worst task's relative loss increase per MAC saved alone (lower is better)."""
-        return self.delta_loss / max(self.delta_macs, 1)
+        """Δloss / ΔMACs: the worst task's relative loss increase per MAC (or ms: ``LatencyCost``) saved alone
+        (lower is better); nothing saved counts as 1."""
+        return self.delta_loss / (self.delta_macs if self.delta_macs > 0 else 1)
 
     @property
     def total_loss_per_mac(self) -> float:
@@ -114,6 +117,16 @@ class LayerProbe:
         return (self.efficiency, -self.delta_macs, self.order)
 
 
+def removal(group: ChannelGroup, scores: Tensor, lowest: Sequence[int], k: int, min_channels: int) -> list[int]:
+    """The channels a trial of ``k`` removes from ``group``: its ``k`` lowest-scoring ones, or for a group holding
+    attention heads the head-consistent removal nearest ``k`` (``attention.select_heads``, as the global
+    allocator), so that every trial and plan is what ``PruningGraph.prune`` applies, unsnapped."""
+    if group.heads is None or k <= 0:
+        return list(lowest[:k])
+    chosen = set(select_heads(group.heads, scores, k, max(min_channels, 1)))
+    return [c for c in lowest if c in chosen]  # lowest score first, as the other groups' lists
+
+
 def _candidates(graph: PruningGraph, scores: Mapping[int, Tensor], macs: MacsModel, probe_ratio: float,
                 min_channels: int) -> list[tuple[ChannelGroup, list[int], int]]:
     """Candidate groups, their channels by ascending score, and the MACs saved at ``probe_ratio``."""
@@ -123,7 +136,8 @@ def _candidates(graph: PruningGraph, scores: Mapping[int, Tensor], macs: MacsMod
             continue
         lowest = torch.argsort(scores[g.index], stable=True).tolist()
         k = max(1, math.floor(probe_ratio * g.channels + 1e-9))
-        out.append((g, lowest, macs.saved(graph.groups, {g.index: lowest[:k]})))
+        probe = removal(g, scores[g.index], lowest, k, min_channels)
+        out.append((g, lowest, macs.saved(graph.groups, {g.index: probe})))
     return out
 
 
@@ -150,24 +164,29 @@ def probe_round(graph: PruningGraph, scores: Mapping[int, Tensor], probe: LossPr
         check_reference(reference)
         start = start or reference
 
-        def trial(k: int, g: ChannelGroup = g, lowest: list[int] = lowest, stores=stores) -> Losses:
-            return probe.losses_under(graph.groups, {**so_far, g.index: lowest[:k]}, stores)
+        def take(k: int, g: ChannelGroup = g, lowest: list[int] = lowest) -> list[int]:
+            return removal(g, scores[g.index], lowest, k, min_channels)
+
+        def trial(k: int, g: ChannelGroup = g, take=take, stores=stores) -> Losses:
+            return probe.losses_under(graph.groups, {**so_far, g.index: take(k)}, stores)
 
         bound = theta.current
         found = search_ratio(settings.ratios, g.channels, g.channels - min_channels, trial, reference, 1 + bound)
         before = macs.after(graph.groups, so_far)
-        if found.removed:
-            so_far[g.index] = lowest[:found.removed]
+        chosen = take(found.removed)
+        if chosen:
+            so_far[g.index] = chosen
             theta.pruned()  # θ advances only after a layer is pruned (the authors' code)
         kept = found.losses
         ratios = loss_ratios(found.losses, reference)
         records.append(LayerProbe(
             root=g.root, part=g.part, channels=g.channels, order=i, probe_macs_saved=probe_saved, theta=bound,
-            ratio=found.ratio, removed=found.removed, loss_ratio=ratios,
+            ratio=found.ratio, removed=len(chosen), loss_ratio=ratios,
             delta_loss=max(v - 1 for v in ratios.values()),
-            delta_macs=macs.saved(graph.groups, {g.index: lowest[:found.removed]}), trials=len(found.trials),
+            delta_macs=macs.saved(graph.groups, {g.index: chosen}), trials=len(found.trials),
             stopped=found.stopped, delta_total_loss=sum(found.losses.values()) - sum(reference.values()),
-            sequence_macs=before - macs.after(graph.groups, so_far), index=g.index, order_of_removal=lowest))
+            sequence_macs=before - macs.after(graph.groups, so_far), index=g.index,
+            order_of_removal=lowest if g.heads is None else chosen))
     if start is None:
         start, _ = probe.reference(graph.groups, {}, set())
         check_reference(start)
@@ -198,7 +217,10 @@ def fit_to_target(groups: Sequence[ChannelGroup], plan: Mapping[int, list[int]],
         out: Plan = {}
         for _, gi, j in steps[:m]:
             out.setdefault(gi, []).append(plan[gi][j])
-        return out
+        for gi, idxs in out.items():  # attention: the head-consistent removal nearest the prefix
+            if groups[gi].heads is not None:
+                out[gi] = snap_to_heads(groups[gi].heads, idxs)
+        return {gi: idxs for gi, idxs in out.items() if idxs}
 
     value = lambda m: macs.after(groups, prefix(m))  # noqa: E731
     if value(len(steps)) > goal:

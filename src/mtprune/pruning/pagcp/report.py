@@ -33,6 +33,8 @@ class RoundRecord:
     params_after: int
     forwards: int
     seconds: float
+    latency_before_ms: float | None = None  # with a latency target: predicted at the round's start (ms)
+    latency_after_ms: float | None = None  # and once its plan is applied
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -58,6 +60,8 @@ class PAGCPReport:
     reached: bool | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     seconds: float = 0.0
+    # with a latency target: {"target": {name: value}, "dense_ms", "goal_ms", "predicted_ms", "predicted_ratio"}
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "rounds"}
@@ -92,7 +96,11 @@ def pagcp_markdown(report: Mapping[str, Any]) -> str:
         table.append(f"| {root} | " + " | ".join(f"{r['ratios'][root]:.2f}" if root in r["ratios"] else "–"
                                                  for r in rounds) + " |")
     reached = report.get("reached")
-    target = "" if reached is None else f" (target {report['target_macs']}: {'' if reached else 'NOT '}reached)"
+    latency = report.get("latency")
+    goal = report["target_macs"] if latency is None else ", ".join(f"{k}={v}" for k, v in latency["target"].items())
+    target = "" if reached is None else f" (target {goal}: {'' if reached else 'NOT '}reached)"
+    if latency is not None:
+        target += f"; predicted latency {latency['dense_ms']:.4g} → {latency['predicted_ms']:.4g} ms"
     note = (f"Criterion {report['criterion']}; per-round loss budget {report['settings']['budget']} "
             f"(Π(1+θ_i), Ye et al. 2023), top-P {report['settings']['top_p']} ranked by "
             f"{report['settings'].get('ranking', 'worst_task')}; MMACs {report['macs_before'] / 1e6:.2f} → "

@@ -8,9 +8,11 @@
   saved, and ``resume=True`` goes on after the last saved round.
 
 Rounds repeat ``rounds`` times or until ``target_macs`` is reached; the round that would overshoot removes only
-a prefix of its planned channels (``fit_to_target``). Scores are computed once per round, on the model
-physically pruned so far. MACs of trials come from :class:`MacsModel` (exact for the conv/linear MACs mtprune
-counts); each round's estimate is recorded next to the measured value.
+a prefix of its planned channels (``fit_to_target``). With ``target_latency`` / ``target_latency_ms`` instead,
+every MACs figure of a round's allocation (layer order, ranking, fitting, stopping) is a predicted latency
+(``latency.py``: :class:`LatencyCost`, on the latency table of ``pruning/latency.py``). Scores are computed
+once per round, on the model physically pruned so far. MACs of trials come from :class:`MacsModel` (exact for
+the conv/linear MACs mtprune counts); each round's estimate is recorded next to the measured value.
 """
 
 from __future__ import annotations
@@ -38,20 +40,43 @@ from ...utils.atomic import atomic_write_json
 from ...utils.errors import MTPruneInputError
 from ...utils.inputs import input_spec
 from ...utils.runtime import eval_mode, resolve_device
+from ..attention import head_layout
 from ..criteria import Criterion, get_criterion
 from ..graph import PruningGraph
+from ..latency import LatencySetting, model_latency
 from ..prune import LOOP_ALLOCATORS, PruneReport, count, criterion_scores
 from ..schedule import StepRecord
 from .allocation import probe_round, select_top, select_within_budget
+from .latency import LatencyCost
 from .macs import MacsModel
 from .probe import LossProbe
 from .report import PAGCPReport, RoundRecord
 from .settings import PAGCPSettings
 
 
+def _reached(record: RoundRecord) -> float:
+    """What a round's target is checked against: its predicted latency (ms) with a latency target, else MACs."""
+    return record.macs_after if record.latency_after_ms is None else record.latency_after_ms
+
+
 def _finished(record: RoundRecord, goal: float | None, tolerance: float) -> bool:
-    """No round follows ``record``: it removed nothing, or the MACs target is reached."""
-    return not record.removed or (goal is not None and record.macs_after <= goal * (1 + tolerance))
+    """No round follows ``record``: it removed nothing, or the target (MACs or latency) is reached."""
+    return not record.removed or (goal is not None and _reached(record) <= goal * (1 + tolerance))
+
+
+def _latency_target(target_macs: float | None, target_latency: float | None,
+                    target_latency_ms: float | None) -> tuple[str, float] | None:
+    """The latency target given (name, value), ``None`` for a MACs target; more than one target is refused."""
+    given = {k: v for k, v in {"target_macs": target_macs, "target_latency": target_latency,
+                                "target_latency_ms": target_latency_ms}.items() if v is not None}
+    if len(given) > 1:
+        raise MTPruneInputError(f"pagcp: give at most one of target_macs, target_latency, target_latency_ms "
+                                f"(got {sorted(given)})")
+    if target_latency is not None and not 0 < target_latency < 1:
+        raise MTPruneInputError(f"target_latency must be in (0, 1), got {target_latency}")
+    if target_latency_ms is not None and not 0 < target_latency_ms < float("inf"):
+        raise MTPruneInputError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")
+    return next(((k, float(v)) for k, v in given.items() if k != "target_macs"), None)
 
 
 def _plain(value: Any) -> Any:
@@ -74,7 +99,9 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
           parts: Mapping[str, str] | None = None, graph: PruningGraph | None = None, engine: Any = None,
           finetune: Callable[[nn.Module, int], None] | None = None,
           round_data: Callable[[int], Iterable] | None = None, prior: PAGCPReport | None = None,
-          on_round: Callable[[nn.Module, PAGCPReport], None] | None = None) -> tuple[PAGCPReport, PruningGraph]:
+          on_round: Callable[[nn.Module, PAGCPReport], None] | None = None,
+          target_latency: float | None = None, target_latency_ms: float | None = None,
+          latency: LatencySetting | Mapping[str, Any] | None = None) -> tuple[PAGCPReport, PruningGraph]:
     """Prune ``model`` in place with PAGCP (Ye et al., TPAMI 2023). Returns the report and the final graph.
 
     Args:
@@ -88,6 +115,9 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         prior: the report of the rounds already run on ``model`` (a resumed run): continue with the next round,
             against the original MACs and params it recorded.
         on_round: called as ``on_round(model, report)`` after each round and the fine-tuning that follows it.
+        target_latency, target_latency_ms: instead of ``target_macs``, a predicted latency (a fraction of the
+            dense model's, or milliseconds) on the device of ``latency`` (see ``mtprune.prune``); the rounds then
+            order, rank and fit by milliseconds (:class:`LatencyCost`), and ``report.latency`` records them.
     Each round draws from the global torch RNG seeded by ``(seed, round)`` only (restored afterwards), so a run
     resumed at round ``k`` decides exactly as an uninterrupted one.
     Pruning replaces Parameter objects: rebuild optimizers afterwards.
@@ -100,18 +130,29 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         raise ValueError("pagcp needs losses= (task → loss): its constraint is on every task's loss")
     if target_macs is not None and not 0 < target_macs < 1:
         raise MTPruneInputError(f"target_macs must be in (0, 1), got {target_macs}")
+    lat_target = _latency_target(target_macs, target_latency, target_latency_ms)
+    lat_setting = LatencySetting.parse(latency) if lat_target is not None else None
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     losses = {t: getattr(fn, "loss", fn) for t, fn in losses.items()}
     graph = graph or PruningGraph(model, example_inputs, protected=tuple(protected), parts=parts, min_channels=1)
     if prior is None:
         params0, macs0 = count(model, example_inputs)
         report = PAGCPReport(crit.name, asdict(cfg), target_macs, macs0, params0, macs0, params0)
+        if lat_target is not None:
+            dense_ms = model_latency(model, example_inputs, lat_setting)
+            name, value = lat_target
+            report.latency = {"target": {name: value}, "dense_ms": dense_ms, "predicted_ms": dense_ms,
+                              "goal_ms": value * dense_ms if name == "target_latency" else value}
     else:
         report = dataclasses.replace(prior, rounds=list(prior.rounds))
-        if report.target_macs != target_macs or _plain(report.settings) != _plain(asdict(cfg)):
-            raise MTPruneInputError("pagcp: cannot resume with other settings or another target_macs")
+        before = None if report.latency is None else tuple(report.latency["target"].items())[0]
+        if (report.target_macs != target_macs or before != lat_target
+                or _plain(report.settings) != _plain(asdict(cfg))):
+            raise MTPruneInputError("pagcp: cannot resume with other settings or another target")
     macs0, seconds0 = report.macs_before, report.seconds
     goal = None if target_macs is None else target_macs * macs0
+    if report.latency is not None:
+        goal = report.latency["goal_ms"]
     with _seeded(seed):
         probe = LossProbe(model, probe_data if probe_data is not None else data, losses, cfg.held_out_batches,
                           cfg.cache)
@@ -122,9 +163,11 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         with _seeded(seed * 1_000_003 + r):
             record = _one_round(model, example_inputs, graph, crit, probe, cfg, r,
                                 data if round_data is None else round_data(r), losses, stats_batches,
-                                engine if r == 0 else None, min_channels, goal)
+                                engine if r == 0 else None, min_channels, goal, lat_setting)
         report.rounds.append(record)
         report.macs_after, report.params_after = record.macs_after, record.params_after
+        if report.latency is not None:
+            report.latency["predicted_ms"] = record.latency_after_ms
         last = _finished(record, goal, cfg.tolerance) or r == cfg.rounds - 1
         if not last and finetune is not None:
             finetune(model, r)
@@ -134,26 +177,35 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         if last:
             break
     if goal is not None:
-        report.reached = abs(report.macs_after - goal) <= cfg.tolerance * goal
+        if report.latency is not None:
+            got, what = report.latency["predicted_ms"], "latency (predicted)"
+            (name, value), = report.latency["target"].items()
+            report.latency["predicted_ratio"] = got / report.latency["dense_ms"]
+        else:
+            got, what, name, value = report.macs_after, "MACs", "target_macs", target_macs
+        report.reached = abs(got - goal) <= cfg.tolerance * goal
         if not report.reached:
-            warnings.warn(f"pagcp: target_macs={target_macs} was not reached: the model keeps "
-                          f"{report.macs_after / macs0:.4f} of the original MACs after {len(report.rounds)} "
-                          f"round(s) (budget={cfg.budget} per round, rounds={cfg.rounds}, min_channels="
-                          f"{min_channels})", stacklevel=2)
+            warnings.warn(f"pagcp: {name}={value} was not reached: the model keeps {got / goal * value:.4g} "
+                          f"{'ms' if name == 'target_latency_ms' else 'of the original'} {what} after "
+                          f"{len(report.rounds)} round(s) (budget={cfg.budget} per round, rounds={cfg.rounds}, "
+                          f"min_channels={min_channels})", stacklevel=2)
     report.seconds = seconds0 + time.perf_counter() - start_time
     return report, graph
 
 
 def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, crit: Criterion, probe: LossProbe,
                cfg: PAGCPSettings, r: int, data: Iterable | None, losses: Mapping, stats_batches: int | None,
-               engine: Any, min_channels: int, goal: float | None) -> RoundRecord:
+               engine: Any, min_channels: int, goal: float | None,
+               latency: LatencySetting | None = None) -> RoundRecord:
     t0, forwards0 = time.perf_counter(), probe.forwards
     probe.refresh()
     params_before, macs_before = count(model, example_inputs)
     with eval_mode(model):
         scores = criterion_scores(model, graph, crit, data=data, losses=losses, batches=stats_batches,
                                   engine=engine)
-        macs = MacsModel(model, example_inputs)
+        # the round's cost: MACs, or with a latency target (goal in ms) the predicted latency
+        macs = MacsModel(model, example_inputs) if latency is None else LatencyCost(model, example_inputs, graph,
+                                                                                   latency)
         layers, start, lam = probe_round(graph, scores, probe, macs, cfg, min_channels)
         selected = select_top(layers, cfg.top_p, cfg.ranking)
         plan, ratios, dropped, fitted = select_within_budget(probe, graph, selected, start, cfg.budget, macs, goal,
@@ -162,6 +214,8 @@ def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, cr
     for layer in layers:
         layer.selected = layer.index in chosen
     estimated = macs.after(graph.groups, plan)
+    timing = {} if latency is None else {"latency_before_ms": macs.total, "latency_after_ms": estimated}
+    estimated = macs.macs(plan) if latency is not None else estimated
     removed = {graph.groups[gi].root: len(idx) for gi, idx in plan.items()}
     fractions = {graph.groups[gi].root: len(idx) / graph.groups[gi].channels for gi, idx in plan.items()}
     graph.prune({gi: sorted(idx) for gi, idx in plan.items()})
@@ -171,7 +225,7 @@ def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, cr
         reference_loss=start, layers=layers, removed=removed, ratios=fractions, loss_ratio=ratios, dropped=dropped,
         fitted=fitted, macs_before=macs_before, macs_after=macs_after, macs_estimated=estimated,
         params_before=params_before, params_after=params_after, forwards=probe.forwards - forwards0,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, **timing)
 
 
 # ---------------------------------------------------------------- entry points: mtprune.prune and the pipeline
@@ -179,11 +233,15 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
                 data: Iterable | None, losses: Mapping | None, batches: int | None = 8, min_channels: int = 5,
                 round_to: int = 1, part_ratios: Mapping[str, float] | None = None, seed: int = 0,
                 graph: PruningGraph | None = None, engine: Any = None, settings: Any = None,
-                probe_data: Iterable | None = None):
-    """``mtprune.prune(..., allocator="pagcp")``: PAGCP to ``target_macs``; the report is in ``extra["pagcp"]``."""
+                probe_data: Iterable | None = None, latency: LatencySetting | Mapping[str, Any] | None = None):
+    """``mtprune.prune(..., allocator="pagcp")``: PAGCP to ``target_macs``, ``target_latency`` or
+    ``target_latency_ms`` (on the device of ``latency``); the report is in ``extra["pagcp"]``, and with a latency
+    target the prediction in ``extra["latency"]`` too."""
     start = time.perf_counter()
-    if set(target) != {"target_macs"}:
-        raise MTPruneInputError(f"allocator 'pagcp' prunes to a MACs target: give target_macs (got {sorted(target)})")
+    targets = ("target_macs", "target_latency", "target_latency_ms")
+    if len(target) != 1 or not set(target) <= set(targets):
+        raise MTPruneInputError(f"allocator 'pagcp' prunes to a MACs or latency target: give one of {list(targets)} "
+                                f"(got {sorted(target)})")
     if round_to != 1 or part_ratios:
         raise MTPruneInputError("allocator 'pagcp' allocates per layer itself: round_to and part_ratios do not apply")
     if data is None or losses is None:
@@ -191,8 +249,10 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
     graph = graph or PruningGraph(model, example_inputs, min_channels=1)
     widths0 = graph.widths()
     report, graph = pagcp(model, example_inputs, criterion, data=data, losses=losses,
-                          target_macs=target["target_macs"], settings=settings, probe_data=probe_data,
-                          min_channels=min_channels, stats_batches=batches, seed=seed, graph=graph, engine=engine)
+                          target_macs=target.get("target_macs"), settings=settings, probe_data=probe_data,
+                          min_channels=min_channels, stats_batches=batches, seed=seed, graph=graph, engine=engine,
+                          target_latency=target.get("target_latency"),
+                          target_latency_ms=target.get("target_latency_ms"), latency=latency)
     model.mtprune_input_shape = input_spec(example_inputs)
     return PruneReport(
         criterion=criterion.name, target=dict(target), params_before=report.params_before,
@@ -200,7 +260,8 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
         widths_before=widths0, widths_after=graph.widths(),
         removed=sum(sum(r.removed.values()) for r in report.rounds), seconds=time.perf_counter() - start,
         batches=engine.batches if engine is not None else 0,
-        extra={"allocator": "pagcp", "pagcp": report.to_dict()})
+        extra={"allocator": "pagcp", "pagcp": report.to_dict(),
+               **({} if report.latency is None else {"latency": dict(report.latency)})})
 
 
 def _write_state(path: Path, records: list, report: PAGCPReport | None) -> None:
@@ -255,7 +316,7 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
     def record(step: int) -> StepRecord:
         params, macs = count(model, x)
         metrics = evaluate(model, val_set, tasks, device=device, batch_size=eval_bs)
-        return StepRecord(step, params, macs, metrics, PruningGraph(model, x).widths())
+        return StepRecord(step, params, macs, metrics, PruningGraph(model, x).widths(), heads=head_layout(model))
 
     def train(step_dir: Path) -> None:
         if finetune.epochs <= 0:
