@@ -202,3 +202,23 @@ def test_merge_resume_refuses_changed_settings(tmp_path, name):
     check_resume_config(tmp_path, load(path, ["train.epochs=50"]))  # more epochs: allowed
     with pytest.raises(MTPruneInputError, match=r"seed \(0 -> 5\)"):
         check_resume_config(tmp_path, load(path, ["seed=5"]))
+
+
+def test_resume_refuses_a_folder_mtprune_did_not_make(trained, tmp_path, capsys):
+    """`--resume` into a project folder (no marker) used to write config.yaml, metrics and checkpoints there."""
+    cfg, _ = trained
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    before = snapshot(project)
+    assert cli("train", cfg, "--out", project, "--resume") == 2
+    line = one_error_line(capsys)
+    assert "--resume" in line and "not a run directory made by mtprune" in line and "nothing was written" in line
+    assert snapshot(project) == before and sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+    with pytest.raises(MTPruneInputError, match="no .mtprune-run file"):
+        prepare_run_dir(project, resume=True)
+    fresh = tmp_path / "fresh"  # --resume of a run that never started (no folder yet) still starts it
+    try:
+        assert prepare_run_dir(fresh, resume=True) == fresh and (fresh / MARKER).is_file()
+    finally:
+        release_locks()

@@ -203,8 +203,10 @@ class PruneSection(_Strict):
             raise ValueError("a latency target needs schedule 'one_shot' or 'iterative' (not 'interleaved')")
         if self.schedule != "one_shot" and self.channel_ratio is not None:
             raise ValueError(f"schedule {self.schedule!r} needs target_macs or target_params")
-        if self.allocator == "pagcp" and (self.target_macs is None or self.schedule == "interleaved"):
-            raise ValueError("allocator 'pagcp' needs target_macs and runs its own rounds (not 'interleaved')")
+        if self.allocator == "pagcp" and (given[0] not in ("target_macs", "target_latency", "target_latency_ms")
+                                          or self.schedule == "interleaved"):
+            raise ValueError("allocator 'pagcp' needs target_macs, target_latency or target_latency_ms and runs its "
+                             "own rounds (not 'interleaved')")
         return self
 
 

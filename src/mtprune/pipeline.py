@@ -106,7 +106,8 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, target_macs=p.target_macs,
             settings=p.pagcp.model_dump(), finetune=finetune, stats_batches=p.stats_batches,
             stats_batch_size=p.stats_batch_size, min_channels=p.min_channels, seed=cfg.seed,
-            resume=resume, rebuild=rebuild)
+            resume=resume, rebuild=rebuild, target_latency=p.target_latency, target_latency_ms=p.target_latency_ms,
+            latency=p.latency or None)
     elif p.schedule == "interleaved":
         model, records = interleaved_prune(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, interval=p.interval,

@@ -15,8 +15,10 @@ from ..utils.errors import MTPruneInputError
 from ..utils.inputs import to_device
 
 
-def unpack_batch(batch: Any, tasks: Sequence[str], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(images, {task: target})`` from a collated ``(image, targets)`` batch, moved to ``device``."""
+def unpack_batch(batch: Any, tasks: Sequence[str], device: torch.device) -> tuple[Any, dict[str, Tensor]]:
+    """``(images, {task: target})`` from a collated ``(image, targets)`` batch, moved to ``device``. ``images`` is
+    a tensor, or for a model with several inputs a tuple/list or dict of tensors (call the model with
+    ``utils.inputs.call_model``; its batch size is ``utils.inputs.batch_size``)."""
     if not (isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[1], Mapping)):
         raise MTPruneInputError("a data batch must be (images, {task: target}), as a Dataset item is")
     images, targets = batch

@@ -7,7 +7,9 @@ be a cut write) and the run goes on; an unreadable line before the last is an in
 the line.
 
 When stdout is not a terminal (a file, a pipe, a CI log) and ``--quiet`` is not given, the command line turns on
-``set_progress_lines``: every logged epoch then prints one line with its losses and metrics.
+``set_progress_lines``: every logged epoch then prints one line with its losses and metrics, every pruning step
+one line with its cost and metrics (``progress_line``), and a long loop given ``lines_every`` (the MFIS search) one
+line every that many steps in place of its progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def set_progress_lines(enabled: bool) -> None:
     """Print one line per logged epoch on stdout (for non-interactive output; the CLI decides)."""
     global _progress_lines
     _progress_lines = bool(enabled)
+
+
+def progress_line(text: str) -> None:
+    """Print ``text`` as one line when progress lines are on (stdout not a terminal, no ``--quiet``)."""
+    if _progress_lines:
+        print(text, flush=True)
 
 
 def _fmt(value: Any) -> str:
@@ -141,10 +149,20 @@ def progress_enabled(quiet: bool) -> bool:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[str], None]]:
-    """Yield ``step(info)``, which advances the bar by one and shows ``info``; a no-op when disabled."""
+def progress_bar(total: int, description: str, enabled: bool,
+                 lines_every: int = 0) -> Iterator[Callable[[str], None]]:
+    """Yield ``step(info)``, which advances the bar by one and shows ``info``; a no-op when disabled, except that
+    with ``lines_every`` and progress lines on, every ``lines_every``-th step (and the last) prints
+    ``description: i/total info``."""
     if not enabled:
-        yield lambda info="": None
+        done = [0]
+
+        def line(info: str = "") -> None:
+            done[0] += 1
+            if lines_every > 0 and (done[0] % lines_every == 0 or done[0] == total):
+                progress_line(f"{description}: {done[0]}/{total} {info}".rstrip())
+
+        yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..engine.batch import collate
 from ..engine.checkpoint import load_model_state
 from ..engine.evaluate import evaluate
+from ..engine.logging import progress_line
 from ..engine.trainer import TrainConfig, Trainer, set_data_epoch
 from ..io import load as load_model
 from ..io import save as save_model
@@ -55,6 +56,16 @@ class StepRecord:
     iteration: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [num_heads, head_dim]
+
+
+def step_line(label: str, rec: StepRecord, dense: StepRecord, total: int) -> str:
+    """``prune step 2/3: MACs 0.512 of dense (1.2e+06) | params 0.48 of dense (4.6e+04) | val seg.miou=31.2 ...``:
+    the progress line printed after each step when stdout is not a terminal (``engine.logging.progress_line``)."""
+    val = " ".join(f"{t}.{k}={v:.4g}" for t, ms in rec.metrics.items() for k, v in ms.items()
+                   if isinstance(v, int | float))
+    line = (f"{label} {rec.step}/{total}: MACs {rec.macs / max(dense.macs, 1):.3f} of dense ({rec.macs:.3g}) | "
+            f"params {rec.params / max(dense.params, 1):.3f} of dense ({rec.params:.3g})")
+    return f"{line} | val {val}" if val else line
 
 
 def _default_rebuild(model: nn.Module) -> Callable[[], nn.Module]:
@@ -171,6 +182,8 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
                       cfg.device, cfg.eval_batch_size or cfg.batch_size)
         records.append(rec)
         _write_state(run_dir, records)
+        if not finetune.quiet:
+            progress_line(step_line("prune step", rec, records[0], steps))
         if on_step:
             on_step(rec)
     return model, records
@@ -278,6 +291,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         records.append(_record(step, model, x, graph.widths(), val_set, tasks, device, batch_size, iteration=start,
                                extra={"best_val_loss": best_loss}))
         _write_state(run_dir, records)
+        progress_line(step_line("prune step", records[-1], records[0], max_steps))
         if on_step:
             on_step(records[-1])
     set_data_epoch(train_set, 0)  # as after a training run: later readers see the stored pool

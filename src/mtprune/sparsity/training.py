@@ -29,6 +29,7 @@ from ..engine.batch import unpack_batch
 from ..engine.checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from ..engine.optim import build_optimizer
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import call_model
 from .masks import apply_masks, is_masked, maskable_layers
 from .scores import as_losses
 
@@ -97,7 +98,7 @@ class SparseLoop:
             images, targets = unpack_batch(next(self.batches), names, self.device)
             self.model.train()
             with torch.enable_grad():
-                out = self.model(images)
+                out = call_model(self.model, images)
                 values = {t: fn(out[t], targets[t]) for t, fn in self.losses.items()}
                 total = torch.stack([v.reshape(()) for v in values.values()]).sum()
             if not torch.isfinite(total):

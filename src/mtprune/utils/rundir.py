@@ -3,6 +3,7 @@ the settings they were started with.
 
 - ``--overwrite`` deletes a directory only when it holds the marker ``.mtprune-run`` that mtprune writes into
   every run directory it creates; anything else (a project folder, ``--out .``) is refused with nothing deleted.
+  ``--resume`` into an existing folder without the marker is refused the same way, with nothing written.
 - A lock file ``.mtprune-lock`` is held with ``fcntl.flock`` while a command runs. The kernel releases it when
   the process ends, however it ends, so a lock left by a killed run is never stale.
 - On ``--resume`` the new config is compared with the run's ``config.yaml`` before anything is written; a changed
@@ -131,8 +132,8 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
                     config: Any = None) -> Path:
     """A run directory for one command, locked for this process (under torchrun, by rank 0).
 
-    A path that is a file is refused. An existing non-empty directory is refused unless resuming, or unless
-    ``overwrite`` is given and the directory holds mtprune's run marker. With ``resume`` and ``config`` (the new
+    A path that is a file is refused. An existing non-empty directory is refused unless it holds mtprune's run
+    marker and ``resume`` or ``overwrite`` is given. With ``resume`` and ``config`` (the new
     config: pydantic, or a plain dict), changed settings are refused before anything is written
     (``check_resume_config``); resuming removes the temporary files that writes killed mid-way left behind.
     """
@@ -143,6 +144,9 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
     if path.exists() and not path.is_dir():
         raise MTPruneInputError(f"--out {path}: exists and is not a directory")
     existing = path.is_dir() and any(c.name != LOCK for c in path.iterdir())
+    if existing and resume and not _is_run_dir(path):
+        raise MTPruneInputError(f"--resume {path}: refused, it is not a run directory made by mtprune "
+                                f"(no {MARKER} file); nothing was written")
     if existing and not resume:
         if not overwrite:
             raise MTPruneInputError(f"run directory {path} already exists; pass --resume to continue it "

@@ -115,7 +115,9 @@ def solve(landscape: Landscape, *, pop_size: int = 100, n_gen: int = 100, seed: 
     if path is not None and path.is_file():
         history, spent = _restore_state(path, algorithm, problem, settings)
         start -= spent
-    with progress_bar(n_gen - len(history), "MFIS NSGA-III", progress_enabled(quiet)) as step:
+    remaining = n_gen - len(history)  # off a terminal: about ten progress lines (engine/logging.py)
+    with progress_bar(remaining, "MFIS NSGA-III", progress_enabled(quiet),
+                      lines_every=0 if quiet else max(1, remaining // 10)) as step:
         while algorithm.has_next():
             algorithm.next()
             F, G = algorithm.pop.get("F"), algorithm.pop.get("G")
@@ -124,7 +126,8 @@ def solve(landscape: Landscape, *, pop_size: int = 100, n_gen: int = 100, seed: 
             history.append({"gen": algorithm.n_gen - 1, "feasible": int(ok.sum()),
                             "min_macs": float(best[-2]), "min_dissimilarity": float(best[-1]),
                             "min_mean_loss": float(F[ok][:, :-2].mean(axis=1).min()) if ok.any() else float("nan")})
-            step(f"feasible {int(ok.sum())}/{len(F)} · min MACs {best[-2]:.3f}")
+            step(f"generation {len(history)}/{n_gen} · feasible {int(ok.sum())}/{len(F)} · min MACs {best[-2]:.3f}"
+                 f" · min mean loss {history[-1]['min_mean_loss']:.4g}")
             if path is not None and (len(history) % checkpoint_every == 0 or not algorithm.has_next()):
                 _save_state(path, algorithm, settings, history, time.perf_counter() - start)
     X, F, G = algorithm.pop.get("X"), algorithm.pop.get("F"), algorithm.pop.get("G")
@@ -271,6 +274,9 @@ def select_solution(front: ParetoFront, how: str | Mapping[str, float] = "knee")
     """
     F = front.F
     if isinstance(how, str):
+        if how == "budget":
+            raise MTPruneInputError("select 'budget' fine-tunes candidates, so it is a pipeline choice: use "
+                                    "mtprune merge (merge.select: budget) or mfis.budget.select_within_budget")
         if how != "knee":
             raise MTPruneInputError(f"select must be 'knee' or a mapping of bounds, got {how!r}")
         return knee_point(F)

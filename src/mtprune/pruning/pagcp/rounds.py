@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from ...engine.checkpoint import load_model_state
 from ...engine.evaluate import evaluate
+from ...engine.logging import progress_line
 from ...engine.trainer import TrainConfig, Trainer
 from ...io import load as load_model
 from ...io import save as save_model
@@ -45,7 +46,7 @@ from ..criteria import Criterion, get_criterion
 from ..graph import PruningGraph
 from ..latency import LatencySetting, model_latency
 from ..prune import LOOP_ALLOCATORS, PruneReport, count, criterion_scores
-from ..schedule import StepRecord
+from ..schedule import StepRecord, step_line
 from .allocation import probe_round, select_top, select_within_budget
 from .latency import LatencyCost
 from .macs import MacsModel
@@ -286,7 +287,9 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
                    target_macs: float | None = None, settings: Any = None, finetune: Any = None,
                    stats_batches: int = 8, stats_batch_size: int = 8, min_channels: int = 5,
                    seed: int = 0, resume: bool = False,
-                   rebuild: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, list, dict[str, Any]]:
+                   rebuild: Callable[[], nn.Module] | None = None, target_latency: float | None = None,
+                   target_latency_ms: float | None = None,
+                   latency: Any = None) -> tuple[nn.Module, list, dict[str, Any]]:
     """The pipeline's PAGCP: rounds with fine-tuning in between (``finetune``: a ``TrainConfig``), then a final
     fine-tune. The probe set is a seeded draw of ``held_out_batches`` batches of ``val_set``; round ``r``'s
     statistics come from ``train_set`` shuffled by ``seed + r``. Returns the model, one ``StepRecord`` per
@@ -295,7 +298,8 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
     After each round (and its fine-tuning) the model is saved as ``rounds/<r>/model.mtp`` (``r`` counts from 1)
     and the records as ``pagcp.json``; ``resume=True`` continues after the last saved round, and each
     fine-tuning from its own checkpoint. ``rebuild`` makes the unpruned model to load into (default: zoo models
-    from the file's metadata).
+    from the file's metadata). ``target_latency`` / ``target_latency_ms`` with ``latency`` (a ``LatencySetting``
+    or its fields) replace ``target_macs`` as in :func:`pagcp`.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / "pagcp.json"
@@ -333,9 +337,13 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
         records = [record(0)]
         _write_state(state_path, records, None)
 
+    rounds = PAGCPSettings.of(settings).rounds
+
     def between(m: nn.Module, r: int) -> None:
         train(run_dir / "rounds" / str(r + 1))
         records.append(record(r + 1))
+        if not finetune.quiet:  # off a terminal: one progress line per round (engine/logging.py)
+            progress_line(step_line("pagcp round", records[-1], records[0], rounds))
 
     def save_round(m: nn.Module, report: PAGCPReport) -> None:
         save_model(m, run_dir / "rounds" / str(len(report.rounds)) / "model.mtp", example_inputs=example_inputs)
@@ -344,9 +352,12 @@ def pagcp_schedule(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str,
     report, _ = pagcp(model, x, criterion, data=None, round_data=lambda r: loader(train_set, seed + r),
                       losses=tasks, target_macs=target_macs, settings=settings, probe_data=loader(val_set, seed + 1),
                       min_channels=min_channels, stats_batches=stats_batches, seed=seed, finetune=between,
-                      prior=prior, on_round=save_round)
+                      prior=prior, on_round=save_round, target_latency=target_latency,
+                      target_latency_ms=target_latency_ms, latency=latency)
     train(run_dir / "finetune")
     records.append(record(len(report.rounds)))
+    if not finetune.quiet:
+        progress_line(step_line("pagcp round", records[-1], records[0], rounds))
     model.to(home)
     model.mtprune_input_shape = input_spec(example_inputs)
     return model, records, report.to_dict()
