@@ -474,6 +474,11 @@ class PruningGraph:
         producers = [root] + [n for n in producers if n != root]
         norms = by_order(n for n in out_maps if not _is_layer(self._modules[n]))
         consumers = by_order(in_maps)
+        for p in producers:  # a layer and its own norm hold the same channels
+            gate = self._gates(dg, [p], set(norms), names)[0]
+            if gate != p and set(zip(*out_maps[p], strict=True)) != set(zip(*out_maps[gate], strict=True)):
+                unsafe.append(f"{p} and its norm {gate} map to different channels of the group (one channel reached "
+                              "by two paths, e.g. concatenated with a depthwise copy of itself)")
         return {
             "root": root,
             "channels": width,
