@@ -11,9 +11,11 @@ import torch
 
 from helpers import zoo_model
 from mtprune.bench import criteria, run_suite
-from mtprune.bench.common import Entries
+from mtprune.bench.common import Entries, fingerprint
+from mtprune.bench.credibility import credibility, read_entries
 from mtprune.pruning.graph import PruningGraph, torch_pruning_magnitude
 from mtprune.pruning.prune import count
+from mtprune.utils.errors import MTPruneInputError
 from test_reliability_resume import kill_after_progress, launch
 
 
@@ -86,6 +88,28 @@ def test_entries_resume_only_when_asked(tmp_path):
     assert json.loads(Entries(tmp_path, resume=True).path("a b").read_text()) == {"n": 2}
 
 
+def test_entries_with_a_fingerprint_are_reused_only_under_the_same_settings(tmp_path):
+    calls = []
+
+    def work():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert Entries(tmp_path, resume=True).get("k", work, "A") == {"n": 1, "fingerprint": "A"}
+    assert Entries(tmp_path, resume=True).get("k", work, "A")["n"] == 1  # same settings: reused
+    assert Entries(tmp_path, resume=True).get("k", work, "B") == {"n": 2, "fingerprint": "B"}  # other: recomputed
+    assert fingerprint(1, {"a": 2}) == fingerprint(1, {"a": 2}) != fingerprint(1, {"a": 3})
+
+
+def test_gradient_criteria_and_entry_keys():
+    assert criteria.gradient_criteria(["random", "l1", "taylor", "taylor, mean-normalised", "taylor + PAGCP",
+                                       "cosprune", criteria.TP_BASELINE]) == ["taylor", "cosprune"]
+    assert criteria._entry_key("taylor", 0.25, 1, "all") == "taylor_0.25_s1"  # the pre-pool key of a row
+    assert criteria._entry_key("taylor", 0.25, 1, "backbone") == "backbone_taylor_0.25_s1"
+    with pytest.raises(MTPruneInputError, match="candidate pool"):
+        criteria.run(scale="small", pools=("heads",))
+
+
 def test_unknown_suite_is_an_input_error():
     from mtprune.utils.errors import MTPruneInputError
 
@@ -107,6 +131,16 @@ def test_quick_suite_runs_every_stage(tmp_path, env):
         assert all(abs(v[0]) < 1e6 for v in cells["0.5"]["task_delta"].values())
     for name in ("results.json", "criteria/results.md", "criteria/delta_m_vs_macs.png", "speed"):
         assert (reference / name).exists(), name
+    # the backbone-only table has every criterion but not Torch-Pruning's baseline (it prunes every layer)
+    crit = json.loads((reference / "criteria" / "results.json").read_text())
+    assert set(crit["summary_backbone"]) == {"l1", "taylor", criteria.DENSE_FT}
+    backbone = [r for r in crit["rows"] if r["pool"] == "backbone"]
+    assert backbone and all(w == r0 for r in backbone for k, w in r["widths"].items() if k.startswith("heads.")
+                            for r0 in [crit["rows"][0]["widths"][k]])  # the control row: the dense widths
+    # credibility.json is exactly what the entries give; taylor's split-half score stability is measured
+    stored_cred = json.loads((reference / "criteria" / "credibility.json").read_text())
+    assert stored_cred == json.loads(json.dumps(credibility(*read_entries(reference / "criteria"))))
+    assert set(stored_cred["score_split_half_rank_corr"]) == {"taylor"} and stored_cred["seeds_min"] == 1
     stored = json.loads((reference / "results.json").read_text())
     assert stored["seconds"]["criteria"] > 0
     # resuming reuses every finished entry: the summary is identical and nothing retrains

@@ -1,5 +1,6 @@
-"""The ``garg2023`` suite (Garg et al. 2023, METHODS.md §1) at ``--scale small``: both criteria along the iterative
-schedule, the scratch retrainings at the recorded widths, the verdicts, the figures, and resuming."""
+"""The ``garg2023`` suite (Garg et al. 2023, METHODS.md §1) at ``--scale small``: both criteria along the interleaved
+schedule (backbone filters only), the scratch retrainings at the recorded widths with the epochs of each arm, the
+verdicts, the figures, and resuming."""
 
 import json
 
@@ -15,23 +16,31 @@ def small(tmp_path_factory):
     return out, run_suite("garg2023", scale="small", out=str(out), threads=1)
 
 
-def test_both_criteria_prune_along_the_schedule(small):
+def test_both_criteria_prune_backbone_filters_along_the_interleaved_schedule(small):
     out, result = small
     saved = json.loads((out / "results.json").read_text())
+    plan = garg2023.SCALES["small"]
     assert set(saved["trajectories"]) == {"taylor", "cosprune"}
     dense_params = saved["dense"]["0"]["params"]
+    dense_epochs = saved["config"]["train"]["epochs"]
+    per_epoch = -(-saved["n_train"] // saved["config"]["train"]["batch_size"])
     for crit, runs in saved["trajectories"].items():
-        params = [p["params"] for p in runs[0]["trajectory"]]
-        assert len(params) == garg2023.SCALES["small"]["steps"] + 1, crit
+        traj = runs[0]["trajectory"]
+        params = [p["params"] for p in traj]
+        assert len(params) == plan["steps"] + 1, crit  # a fixed number of removals: matched filter counts
         assert params[0] == dense_params
         assert all(b < a for a, b in zip(params, params[1:], strict=False)), (crit, params)
-        assert params[-1] / dense_params == pytest.approx(garg2023.SCALES["small"]["target_params"], abs=0.05)
-        first, last = runs[0]["trajectory"][0], runs[0]["trajectory"][-1]
+        first, last = traj[0], traj[-1]
         assert first["delta_m"] == pytest.approx(0.0, abs=1e-9)  # step 0 is the dense model itself
         # only backbone filters are pruned: every head keeps its hidden width
         heads = {k: v for k, v in last["widths"].items() if k.startswith("heads.")}
         assert heads and heads == {k: v for k, v in first["widths"].items() if k.startswith("heads.")}
-        assert any(last["widths"][k] < first["widths"][k] for k in last["widths"] if k.startswith("backbone."))
+        for a, b in zip(traj, traj[1:], strict=False):  # each step removes filters_per_step backbone filters
+            removed = sum(a["widths"][k] - b["widths"][k] for k in a["widths"] if k.startswith("backbone."))
+            assert removed == plan["filters_per_step"], (crit, b["step"])
+            # ... after `interval` more training iterations, recorded as epochs on top of the dense ones
+            assert b["iteration"] == a["iteration"] + plan["interval"]
+            assert b["epochs"] == pytest.approx(dense_epochs + b["iteration"] / per_epoch)
 
 
 def test_scratch_rows_rebuild_the_recorded_architectures(small):
@@ -42,6 +51,8 @@ def test_scratch_rows_rebuild_the_recorded_architectures(small):
         assert row["step"] in garg2023.SCALES["small"]["scratch_steps"]
         assert row["params"] == row["iterative"]["params"]  # same architecture, fresh weights
         assert set(row["metrics"]) == {"seg", "depth", "normal"}
+        assert row["epochs"] == result["config"]["train"]["epochs"]  # the dense recipe
+        assert row["iterative"]["epochs"] > row["epochs"]
     assert set(result["scratch_summary"]) == {"taylor", "cosprune"}
 
 

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import mtprune
 import mtprune.data as D
 from mtprune.data import synthetic_scenes as S
 from mtprune.data.multidigits import CANVAS, DIGIT, LEFT_X, MAX_Y, RIGHT_X, MultiDigits
 from mtprune.utils.errors import MTPruneInputError
 
 TINY = {"n_train": 5, "n_val": 3, "height": 24, "width": 32}
+TINY_CLASSES = S.SceneParams.num_classes
 
 
 def _files(root):
@@ -86,6 +88,72 @@ def test_explicit_root_and_parameter_checks(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("not a dataset")
     with pytest.raises(MTPruneInputError, match="not empty"):
         D.load("synthetic_scenes", root=tmp_path / "other")
+
+
+def test_fresh_training_scenes_every_epoch_deterministic_and_resumable(tmp_path):
+    train = D.load("synthetic_scenes", root=tmp_path / "s", **TINY)
+    assert train.fresh and train.epoch == 0
+
+    def epoch(ds, e):
+        ds.set_epoch(e)
+        return [ds[i] for i in range(len(ds))]
+
+    stored, first = epoch(train, 0), epoch(train, 1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(stored, first, strict=True))  # epochs 0, 1: the pool
+    e2, e3 = epoch(train, 2), epoch(train, 3)
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, e2, strict=True))  # new scenes...
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(e2, e3, strict=True))  # ...every epoch
+    again = D.load("synthetic_scenes", root=tmp_path / "s")  # another process, e.g. a resumed run
+    for a, b in zip(e3, epoch(again, 3), strict=True):
+        assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][t], b[1][t]) for t in a[1])
+    params = S.SceneParams(**TINY)
+    ref = S.render_scene(S.scene_rng(params, "train", 1, 3), params, S.make_palette(params))
+    assert torch.equal(e3[1][1]["depth"], torch.from_numpy(ref["depth"]).permute(2, 0, 1))
+    # the targets of a fresh scene keep their contract (seg classes, attribute tasks from its label map)
+    attrs = D.load("synthetic_scenes", root=tmp_path / "s", tasks=["seg", "count"])
+    attrs.set_epoch(2)
+    image, targets = attrs[0]
+    assert targets["seg"].shape == image.shape[1:] and int(targets["count"]) <= TINY_CLASSES - 2
+    # fresh=False keeps the pool; the validation split never changes
+    pool, val = D.load("synthetic_scenes", root=tmp_path / "s", fresh=False), D.load(
+        "synthetic_scenes", root=tmp_path / "s", split="val")
+    assert torch.equal(epoch(pool, 5)[0][0], stored[0][0])
+    assert not val.fresh and torch.equal(epoch(val, 5)[0][0], epoch(val, 0)[0][0])
+
+
+def test_trainer_announces_the_epoch_through_wrappers(tmp_path):
+    from mtprune.engine.trainer import set_data_epoch
+
+    train = D.load("synthetic_scenes", root=tmp_path / "s", **TINY)
+    set_data_epoch(torch.utils.data.Subset(train, [0, 1]), 4)
+    assert train.epoch == 4
+    set_data_epoch(torch.utils.data.TensorDataset(torch.zeros(2)), 4)  # no hook: nothing happens
+    # a training run tells the dataset each epoch before drawing its batches
+    from mtprune.engine.trainer import TrainConfig, Trainer
+
+    seen = []
+
+    class Recording(type(train)):
+        def set_epoch(self, epoch):
+            seen.append(epoch)
+            super().set_epoch(epoch)
+
+    data = Recording(train.root, "train", params=train.params, tasks=["depth"], fresh=True)
+    tasks = mtprune.tasks.preset("synthetic_scenes", num_classes=TINY_CLASSES)
+    tasks = {"depth": tasks["depth"]}
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+        def forward(self, x):
+            return {"depth": self.conv(x)}
+
+    torch.manual_seed(0)
+    model = Tiny()
+    Trainer(model, tasks, data, D.load("synthetic_scenes", root=tmp_path / "s", split="val", tasks=["depth"]),
+            tmp_path / "run", TrainConfig(epochs=2, batch_size=5, device="cpu", quiet=True, tensorboard=False)).fit()
+    assert seen == [1, 2, 0] and data.epoch == 0  # back to the stored pool once training is over
 
 
 def test_loader_follows_the_sample_contract(tmp_path):

@@ -47,17 +47,29 @@ class Entries:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
         return self.folder / f"{safe}.json"
 
-    def get(self, key: str, fn: Callable[[], dict]) -> dict:
+    def get(self, key: str, fn: Callable[[], dict], fingerprint: str | None = None) -> dict:
+        """With ``fingerprint`` (a digest of the entry's settings), a stored entry is reused only when it was
+        computed with the same one; the result is stored with it."""
         path = self.path(key)
         if self.resume and path.is_file():
             try:
-                return json.loads(path.read_text())
+                stored = json.loads(path.read_text())
+                if fingerprint is None or stored.get("fingerprint") == fingerprint:
+                    return stored
             except json.JSONDecodeError:
                 pass  # a damaged entry is recomputed (writes are atomic, so only a hand edit gets here)
-        result = fn()
+        result = fn() if fingerprint is None else {**fn(), "fingerprint": fingerprint}
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
         return result
+
+
+def fingerprint(*parts) -> str:
+    """A short digest of an entry's settings (JSON of ``parts``), for ``Entries.get``."""
+    import hashlib
+
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def suite_config(base: dict, overrides: dict, seed: int, label: str):

@@ -15,6 +15,15 @@ cast, plus Gaussian noise. Difficulty comes from confusers, so a small CNN train
 saturate: per-instance colour jitter, colours / shapes / textures borrowed from another class with
 probability ``color_swap`` / ``shape_swap`` / ``texture_swap``, random lighting, small far objects, noise.
 
+Fresh training scenes (``fresh=True``, the default): the training split never repeats. Epochs 0 and 1 read the
+stored scenes; epoch e ≥ 2 renders scene ``index`` anew from (seed, "train", index, e), so a model trained for
+many epochs sees ``n_train`` new scenes each epoch and cannot overfit a fixed pool, and extra training (or pruning
+as a regulariser) cannot win by undoing overfitting. The trainer announces the epoch through ``set_epoch`` (any
+dataset with that method) and resets it to 0 when training ends; the scenes are a pure function of (seed, index,
+epoch), so resuming is exact. Rendering costs
+~3 ms per 64×80 scene on one core (~320 scenes/s, measured 2026-12-03 on the 2-core machine), i.e. ~1.6 s per
+epoch of 512 scenes, against ~9 s of training. The validation split is always the stored one.
+
 Defaults: 512 train + 128 val scenes of 64×80 (4 to 10 objects, 7 classes). At this size a CPU-sized dense
 network sees an epoch in seconds to tens of seconds on 2 cores and output stride 8 still leaves an 8×10
 map; a small U-Net (0.2 M parameters) trained for 10 minutes on 2 shared cores reached 53 % mIoU and was
@@ -52,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils.bounds import MAX_IMAGE_PIXELS
 from ..utils.errors import MTPruneInputError
 from .conventions import check_same_size, dense_to_tensor, image_to_tensor
 from .io import read_npy
@@ -139,6 +149,7 @@ class SceneParams:
         checks = {
             "n_train >= 1 and n_val >= 1": self.n_train >= 1 and self.n_val >= 1,
             "height, width >= 8": self.height >= 8 and self.width >= 8,
+            f"height * width <= {MAX_IMAGE_PIXELS} pixels": self.height * self.width <= MAX_IMAGE_PIXELS,
             "num_classes >= 3": self.num_classes >= 3,
             "0 <= min_objects <= max_objects": 0 <= self.min_objects <= self.max_objects,
             "probabilities in [0, 1]": all(
@@ -344,9 +355,11 @@ def scene_attributes(label: np.ndarray, num_classes: int) -> dict[str, np.ndarra
     }
 
 
-def scene_rng(params: SceneParams, split: str, index: int) -> np.random.Generator:
-    """Scene ``index`` of ``split`` depends only on (seed, split, index), not on the split sizes."""
-    return np.random.default_rng([params.seed, 1 + ("train", "val").index(split), index])
+def scene_rng(params: SceneParams, split: str, index: int, epoch: int = 0) -> np.random.Generator:
+    """Scene ``index`` of ``split`` depends only on (seed, split, index), not on the split sizes; epochs 0 and 1
+    are the stored scenes, epoch e ≥ 2 a fresh scene drawn from (seed, split, index, e)."""
+    key = [params.seed, 1 + ("train", "val").index(split), index]
+    return np.random.default_rng(key + [epoch] if epoch >= 2 else key)
 
 
 def write_split(folder: Path, params: SceneParams, palette: Palette, split: str, n: int) -> None:
@@ -424,9 +437,11 @@ def load_synthetic_scenes(
     tasks: Sequence[str] | None = None,
     size: int | Sequence[int] | None = None,
     transform: JointTransform | None = None,
+    fresh: bool = True,
     **params: Any,
 ) -> SyntheticScenes:
-    """The synthetic scenes (generated on first use, cached); ``params`` are ``SceneParams`` fields.
+    """The synthetic scenes (generated on first use, cached); ``params`` are ``SceneParams`` fields; ``fresh``:
+    the training split renders new scenes every epoch ≥ 2 (see the module docstring), ``False`` keeps the pool.
 
     With ``root``, the data lives exactly there: read if present (explicit ``params`` must then match
     the stored ones), generated there otherwise. Tasks: seg, depth, normal, edge, and the attribute tasks
@@ -449,13 +464,14 @@ def load_synthetic_scenes(
                 f"synthetic_scenes at {root} was generated with other parameters "
                 f"(asked, stored): {clash}; omit root to use the cache, or pass another root"
             )
-    return SyntheticScenes(root, split, params=stored, tasks=tasks, size=size, transform=transform)
+    return SyntheticScenes(root, split, params=stored, tasks=tasks, size=size, transform=transform, fresh=fresh)
 
 
 class SyntheticScenes(MTANDataset):
     """The generated scenes, read by the MTAN-layout reader; ``params`` are the generation parameters
     (``None`` for a folder that was not made by ``generate``). ``tasks=None`` selects the dense tasks; the
-    attribute tasks (``ATTRIBUTE_TASKS``) are read from the label map when named."""
+    attribute tasks (``ATTRIBUTE_TASKS``) are read from the label map when named. With ``fresh`` (and known
+    ``params``) the training split renders new scenes from epoch 2 on (``set_epoch``)."""
 
     def __init__(
         self,
@@ -466,6 +482,7 @@ class SyntheticScenes(MTANDataset):
         tasks: Sequence[str] | None = None,
         size: int | Sequence[int] | None = None,
         transform: JointTransform | None = None,
+        fresh: bool = False,
     ) -> None:
         self.params = params
         num_classes = (params or {}).get("num_classes", SceneParams.num_classes)
@@ -475,17 +492,39 @@ class SyntheticScenes(MTANDataset):
         super().__init__(root, split, table, tasks=list(SCENE_TASKS) if tasks is None else tasks,
                          num_classes=counts, size=size, transform=transform)
         self.scene_classes = num_classes
+        self.fresh = bool(fresh and params is not None and split == "train")
+        self.epoch = 0
+        self._scene: tuple[SceneParams, Palette] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch (1-based; 0 = none): from epoch 2 on, a fresh dataset renders new scenes."""
+        self.epoch = int(epoch)
+
+    def _arrays(self, index: int) -> dict[str, np.ndarray]:
+        """The raw arrays of item ``index`` at the current epoch: rendered (fresh, epoch ≥ 2) or stored."""
+        if self.fresh and self.epoch >= 2:
+            if self._scene is None:
+                known = {f.name for f in dataclasses.fields(SceneParams)}
+                scene = SceneParams(**{k: v for k, v in (self.params or {}).items() if k in known})
+                self._scene = (scene, make_palette(scene))
+            scene, palette = self._scene
+            return render_scene(scene_rng(scene, self.split, index, self.epoch), scene, palette)
+        name = f"{index}.npy"
+        folders = {"image": self.image_dir, **{SCENE_TASKS[t][0]: d for t, d in self.task_dirs.items()
+                                               if t in SCENE_TASKS}}
+        if any(t in ATTRIBUTE_TASKS for t in self.kinds):
+            folders["label"] = self.task_dirs[next(t for t in self.kinds if t in ATTRIBUTE_TASKS)]
+        return {key: read_npy(d / name) for key, d in folders.items()}
 
     def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        arrays, where = self._arrays(index), self.image_dir / f"{index}.npy"
+        image = image_to_tensor(arrays["image"], where)
+        targets = {t: dense_to_tensor(arrays[SCENE_TASKS[t][0]], self.kinds[t], where)
+                   for t in self.kinds if t not in ATTRIBUTE_TASKS}
+        check_same_size(image, targets, self.kinds, f"{self.root / self.split} item {index} (epoch {self.epoch})")
         attrs = [t for t in self.kinds if t in ATTRIBUTE_TASKS]
-        if not attrs:
-            return super().load_item(index)
-        name = f"{index}.npy"
-        image = image_to_tensor(read_npy(self.image_dir / name), self.image_dir / name)
-        targets = {t: dense_to_tensor(read_npy(d / name), self.kinds[t], d / name)
-                   for t, d in self.task_dirs.items() if t not in ATTRIBUTE_TASKS}
-        check_same_size(image, targets, self.kinds, f"{self.root / self.split} item {index}")
-        path = self.task_dirs[attrs[0]] / name
-        values = scene_attributes(dense_to_tensor(read_npy(path), "seg", path).numpy(), self.scene_classes)
-        targets.update({t: torch.from_numpy(values[t]) for t in attrs})
+        if attrs:
+            label = dense_to_tensor(arrays["label"], "seg", where).numpy()
+            values = scene_attributes(label, self.scene_classes)
+            targets.update({t: torch.from_numpy(values[t]) for t in attrs})
         return image, targets

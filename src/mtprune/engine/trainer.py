@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ..tasks.base import Task
 from ..utils.atomic import remove_stale_temporaries
 from ..utils.errors import MTPruneInputError
+from ..utils.inputs import batch_size, call_model, input_spec
 from ..utils.runtime import seed_everything
 from .batch import check_targets, collate, task_outputs, unpack_batch
 from .checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
@@ -50,6 +51,16 @@ from .logging import RunLogger, log, progress_bar, progress_enabled
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 from .selection import RunState, check_reference
 from .weighting import WEIGHTINGS, build_weighting
+
+
+def set_data_epoch(dataset: Dataset, epoch: int) -> None:
+    """Tell a dataset (or the dataset inside ``Subset`` wrappers) the epoch, when it has ``set_epoch``: a
+    procedural dataset such as ``synthetic_scenes`` then serves fresh samples every epoch."""
+    while dataset is not None:
+        if callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
 
 
 class NonFiniteLossError(MTPruneInputError):
@@ -183,10 +194,13 @@ class Trainer:
         try:
             for epoch in range(first, cfg.epochs + 1):
                 sampler.set_epoch(epoch)
+                set_data_epoch(self.train_data, epoch)
                 generator.manual_seed((cfg.seed * 1_000_003 + epoch) * 1024 + self.dist.rank)
                 self._run_epoch(net, model, loader, epoch, state, logger)
         finally:
             logger.close()
+            set_data_epoch(self.train_data, 0)  # later readers (pruning statistics) see the same data as after a
+            # resume that skipped this training
         return TrainSummary(
             best_epoch=state.best_epoch,
             best_score=state.best_score,
@@ -233,7 +247,7 @@ class Trainer:
             for step, batch in enumerate(loader, start=1):
                 images, targets = unpack_batch(batch, self.names, self.device)
                 with torch.autocast(self.device.type, enabled=self.amp):
-                    outputs = task_outputs(net(images), self.names)
+                    outputs = task_outputs(call_model(net, images), self.names)
                     check_targets(self.tasks, outputs, targets)
                     losses = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in self.names}
                 stacked = torch.stack([losses[t].detach().double().reshape(()) for t in self.names])
@@ -247,7 +261,7 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                n = images.shape[0]
+                n = batch_size(images)
                 sums[:-1] += stacked * n
                 sums[-1] += n
                 advance(f"loss {total.item():.4f}")
@@ -280,10 +294,12 @@ class Trainer:
         images, targets = unpack_batch(default_collate([self.train_data[0]]), self.names, self.device)
         with eval_mode(model, self.device), torch.no_grad():
             try:
-                out = model(images)
+                out = call_model(model, images)
             except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                raise MTPruneInputError(f"the model cannot run on the training images (one sample of shape "
-                                        f"{list(images.shape)}, {images.dtype}): {one_line(err, 1)}") from err
+                what = (f"of shape {list(images.shape)}, {images.dtype}" if isinstance(images, Tensor)
+                        else f"{input_spec(images)}")  # a model with several inputs (utils/inputs.py)
+                raise MTPruneInputError(f"the model cannot run on the training images (one sample {what}): "
+                                        f"{one_line(err, 1)}") from err
             check_targets(self.tasks, task_outputs(out, self.names), targets)
         return bool(set(out) - set(self.names))
 

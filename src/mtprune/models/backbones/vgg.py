@@ -29,9 +29,11 @@ _BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
 def _features(
-    in_channels: int, width: float, pool: Callable[[int], nn.Module], plan: list[tuple[int, int]]
+    in_channels: int, width: float, pool: Callable[[int], nn.Module], plan: list[tuple[int, int]],
+    batch_norm: bool = False,
 ) -> tuple[OrderedDict[str, nn.Module], int]:
-    """The 13 convs. ``plan[b]`` = (stride, dilation after) of pool ``b+1``; the next block uses that dilation."""
+    """The 13 convs. ``plan[b]`` = (stride, dilation after) of pool ``b+1``; the next block uses that dilation;
+    ``batch_norm`` puts a BatchNorm (``bn<b>_<i>``) between each conv and its ReLU (VGG-16-BN)."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     in_ch = check_positive_int("in_channels", in_channels)
     dilation = 1
@@ -39,6 +41,8 @@ def _features(
         out_ch = scale_channels(channels, width)
         for i in range(1, convs + 1):
             layers[f"conv{b}_{i}"] = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation)
+            if batch_norm:
+                layers[f"bn{b}_{i}"] = nn.BatchNorm2d(out_ch)
             layers[f"relu{b}_{i}"] = nn.ReLU()
             in_ch = out_ch
         layers[f"pool{b}"] = pool(stride)
@@ -56,10 +60,11 @@ class VGG16(nn.Sequential):
 
 
 @register_backbone("vgg16", default_head="small_aspp")
-def vgg16(width: float = 1.0, in_channels: int = 3, output_stride: int = 8) -> VGG16:
-    """Dense VGG-16, DeepLab-LargeFOV layout, output ``[N, 512*width, H/8, W/8]`` (rounded up)."""
+def vgg16(width: float = 1.0, in_channels: int = 3, output_stride: int = 8, batch_norm: bool = False) -> VGG16:
+    """Dense VGG-16, DeepLab-LargeFOV layout, output ``[N, 512*width, H/8, W/8]`` (rounded up); ``batch_norm``:
+    VGG-16-BN (a BatchNorm after every conv)."""
     plan = plan_output_stride((2, 2, 2, 2, 2), output_stride)
-    layers, out_ch = _features(in_channels, width, lambda s: nn.MaxPool2d(3, stride=s, padding=1), plan)
+    layers, out_ch = _features(in_channels, width, lambda s: nn.MaxPool2d(3, stride=s, padding=1), plan, batch_norm)
     return VGG16(layers, out_ch)
 
 
