@@ -31,9 +31,10 @@ TINY_MERGE = ["train.epochs=1", "train.batch_size=8", "train.eval_batch_size=64"
 
 @pytest.fixture(scope="module")
 def suites(tmp_path_factory):
-    """One small ``mfis`` suite run (LeNet-5, 2 tasks), which runs the matching ``pam`` entry first."""
+    """One small ``mfis`` suite run (LeNet-5, 2 tasks, and the presence testbed with one seed), which runs the
+    matching ``pam`` entries first."""
     out = tmp_path_factory.mktemp("bench") / "mfis"
-    result = M.run_mfis(scale="small", out=out, threads=1, models=["lenet"], task_sets=["2tasks"])
+    result = M.run_mfis(scale="small", out=out, threads=1, models=["lenet"], task_sets=["2tasks"], seeds=[0])
     return out, result
 
 
@@ -47,7 +48,7 @@ def test_pam_entry_reports_every_subset_and_keeps_no_weights(suites):
     assert set(summary["budgets"]) == {"no_merge", "naive", "pam"}
     assert (pam / "lenet_2tasks" / "report.md").is_file() and (pam / "lenet_2tasks" / "plots").is_dir()
     assert not list((pam / "lenet_2tasks").rglob("*.mtp")) and not list((pam / "lenet_2tasks").rglob("*.pt"))
-    assert len(list((pam / "runs" / "singles").glob("*.mtp"))) == 2  # the shared store keeps the networks
+    assert len(list((pam / "runs" / "singles").glob("left-*.mtp"))) == 1  # the shared store keeps the networks
 
 
 def test_mfis_entry_compares_on_the_same_networks(suites):
@@ -81,18 +82,20 @@ def test_pam_suite_resumes_and_reruns_changed_settings(suites, monkeypatch, tmp_
         raise RuntimeError("recomputed")
 
     monkeypatch.setattr(M, "run_merge", boom)
-    again = M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"])
+    again = M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0])
     assert again["no_merge_over_pam"]["lenet_2tasks"] == {r["subset"]: r["no_merge_over_pam"]
                                                           for r in before["summary"]["table"]}
     assert (pam / "report.md").is_file() and (pam / "pam_cost_per_subset.png").is_file()
     rows = json.loads((pam / "summary.json").read_text())["entries"]["lenet_2tasks"]["sensitivity"]
     assert [(r["noise_var"], r["alpha_conv"], r["alpha_linear"]) for r in rows] == M.SENSITIVITY
     assert "| noise variance |" in (pam / "report.md").read_text()
+    presence = json.loads((pam / "summary.json").read_text())["entries"][M.PRESENCE]  # reused too, not recomputed
+    assert presence["seeds"] == [0] and again[M.PRESENCE]["seeds"] == [0] and "per_seed" in presence
     with pytest.raises(RuntimeError, match="recomputed"):  # without --resume every entry reruns
-        M.run_pam(scale="small", out=pam, threads=1, resume=False, models=["lenet"], task_sets=["2tasks"])
+        M.run_pam(scale="small", out=pam, threads=1, resume=False, models=["lenet"], task_sets=["2tasks"], seeds=[0])
     monkeypatch.setitem(M.SCALE_OVERRIDES, "small", [*M.SCALE_OVERRIDES["small"], "prune.accuracy_drop=3"])
     with pytest.raises(RuntimeError, match="recomputed"):  # other settings: the stored entry is not reused
-        M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"])
+        M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0])
 
 
 def test_merge_reuses_given_single_task_networks(suites, tmp_path):
@@ -107,6 +110,50 @@ def test_merge_reuses_given_single_task_networks(suites, tmp_path):
     summary = run_merge(cfg, tmp_path / "run", quiet=True)
     assert summary["reference_acc"] == pam["summary"]["reference_acc"]
     assert not (tmp_path / "run" / "singles").exists()  # nothing was trained
+
+
+def test_presence_entries_in_both_suites(suites):
+    out, result = suites
+    e = json.loads((out / "summary.json").read_text())["entries"][M.PRESENCE]
+    assert e["seeds"] == [0] and set(e["runs"]) == {"s0"}
+    run = e["runs"]["s0"]
+    assert run["same_networks"] and run["budget"]["trials"]  # MFIS tried front points against the budget
+    assert run["tasks"] == ["low", "high"] and [r["subset"] for r in run["table"]] == ["low", "high", "low+high"]
+    assert e["no_merge_over_mfis_all_tasks"] == pytest.approx(run["table"][2]["no_merge_over_mfis"])
+    assert result[M.PRESENCE]["no_merge_over_mfis_all_tasks"] == e["no_merge_over_mfis_all_tasks"]
+    assert "presence_lenet" in (out / "report.md").read_text()
+    mfis_run = json.loads((out / "entries" / "presence_lenet_s0.json").read_text())["summary"]
+    deploy = mfis_run["mfis_deploy"]  # every subset as its own model costs what the table claims
+    assert {k: v["macs"] for k, v in deploy.items()} == {r["subset"]: r["mfis_macs"] for r in mfis_run["table"]}
+    pam_run = json.loads((out / "pam" / "entries" / "presence_lenet_s0.json").read_text())["summary"]
+    assert {k: v["macs"] for k, v in pam_run["pam_deploy"].items()} == {r["subset"]: r["pam_macs"]
+                                                                        for r in pam_run["table"]}
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.skipif(not (RESULTS / "pam" / "entries" / "presence_lenet_s0.json").is_file(),
+                    reason="the presence benchmark has not been run here")
+def test_committed_presence_summaries_are_computed_from_their_entries():
+    """benchmarks/results/{pam,mfis}/summary.json: the presence_lenet verdicts recomputed from the stored entries."""
+    pam = json.loads((RESULTS / "pam" / "summary.json").read_text())["entries"][M.PRESENCE]
+    runs = {f"s{s}": json.loads((RESULTS / "pam" / "entries" / f"{M.PRESENCE}_s{s}.json").read_text())
+            for s in pam["seeds"]}
+    again = M.presence_digest({k: {**M._pam_digest(v), "seed": v["seed"]} for k, v in runs.items()})
+    for key in ("within_budget", "seeds", "exclusive_neurons", "no_merge_over_pam_all_tasks",
+                "no_merge_over_pam_single_task_min"):
+        assert pam[key] == pytest.approx(again[key]), key
+    mfis_file = RESULTS / "mfis" / "summary.json"
+    mfis = json.loads(mfis_file.read_text())["entries"].get(M.PRESENCE)
+    if mfis is None:
+        pytest.skip("the mfis presence entries have not been run here")
+    both = {k: {"pam": v, "mfis": json.loads((RESULTS / "mfis" / "entries" / f"{M.PRESENCE}_{k}.json").read_text())}
+            for k, v in runs.items()}
+    again = M.mfis_presence_digest(both)
+    for key in ("within_budget", "seeds", "exclusive_neurons", "no_merge_over_pam_all_tasks",
+                "no_merge_over_pam_single_task_min", "no_merge_over_mfis_all_tasks"):
+        assert mfis[key] == pytest.approx(again[key]), key
 
 
 # ---------------------------------------------------------------- synthetic_scenes attribute tasks

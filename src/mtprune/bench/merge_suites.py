@@ -9,6 +9,12 @@ same single-task networks** (same seeds, same data), against no merging (unprune
 and against PAM, with the NSGA-III solver's wall time. It reuses the ``pam`` suite's finished entry of the
 same settings (or runs it, storing it with the ``pam`` results).
 
+Both suites also run the **presence testbed** (issue 16), ``presence_lenet`` over ``PRESENCE_SEEDS``: PAM's own
+kind of task (digit presence, ±1 labels split 0–4 / 5–9, tanh + MSE, LeNet-5; ``configs/merge_pam_presence.yaml``)
+with the permutation-null relevance test, and MFIS choosing the cheapest front point within the accuracy budget.
+Their summaries carry a ``presence_lenet`` entry with the verdicts over the seeds (:func:`presence_digest`,
+:func:`mfis_presence_digest`); the left/right multidigits entries stay as a stress test.
+
 Single-task networks are trained once per (model, task, seed, data, training) into a store under the ``pam``
 results (``runs/singles``, git-ignored) by :func:`~mtprune.merging.singles.prepare_singles` and copied into
 each run. Weights and checkpoints are deleted from the run directories; reports, JSON and figures stay.
@@ -28,7 +34,6 @@ from typing import Any
 
 import torch
 
-from ..config import dump_config
 from ..merging.experiment import load_merge_config, run_merge
 from ..merging.mfis.run import MFISConfig, run_from_config
 from ..merging.singles import prepare_singles
@@ -59,6 +64,12 @@ MFIS_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {m: {"pop_size": 8, "generations": 2, "batch": 48, "finetune": {"epochs": 1, "batch_size": 64}}
               for m in MODELS},
 }
+# the presence testbed: the cheapest front point within the accuracy budget, not the knee (issue 16)
+MFIS_SETTINGS["cpu"]["presence_lenet"] = {
+    "pop_size": 100, "generations": 150, "select": "budget", "budget": {"accuracy_drop": 2.0, "candidates": 5},
+    "finetune": {"epochs": 10, "batch_size": 64, "lr": 0.001, "scheduler": "cosine"}}
+MFIS_SETTINGS["small"]["presence_lenet"] = {**MFIS_SETTINGS["small"]["lenet"], "select": "budget",
+                                            "budget": {"accuracy_drop": 100.0, "candidates": 2}}
 APPROACH_LABELS = {"no_merge": "no merging", "naive": "naive merging", "pam": "PAM"}
 # PAM's grouping under other KDE noise variances and thresholds α (conv, linear), on the same networks: the
 # paper's setting, α = 0 (only neurons constant on the batch are irrelevant), larger noise, larger α
@@ -78,6 +89,18 @@ def _pam_config(model: str, task_set: str, scale: str, threads: int):
     overrides = [f"name=pam_{model}_{task_set}", f"tasks=[{tasks}]", f"threads={threads}",
                  f"cost.threads={threads}", *SCALE_OVERRIDES[scale]]
     return load_merge_config(_config_dir() / MODELS[model], overrides)
+
+
+def _dump(cfg: Any) -> str:
+    """``dump_config`` without the optional merge sections left unset (``merge.relevance``, ``merge.budget``), so
+    the fingerprints of entries computed before those sections existed stay the same."""
+    import yaml
+
+    raw = cfg.model_dump(mode="json")
+    for key in ("relevance", "budget"):
+        if key in raw.get("merge", {}) and raw["merge"][key] is None:
+            del raw["merge"][key]
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -111,7 +134,8 @@ def strip_weights(run_dir: Path) -> None:
 
 
 def _selection(models: Sequence[str] | None, task_sets: Sequence[str] | None) -> list[tuple[str, str]]:
-    models, task_sets = list(models or MODELS), list(task_sets or TASK_SETS)
+    models = list(MODELS) if models is None else list(models)  # [] selects none (e.g. only the presence entries)
+    task_sets = list(TASK_SETS) if task_sets is None else list(task_sets)
     unknown = [m for m in models if m not in MODELS] + [t for t in task_sets if t not in TASK_SETS]
     if unknown:
         raise ValueError(f"unknown merge suite entries {unknown}; models {list(MODELS)}, task sets {list(TASK_SETS)}")
@@ -124,27 +148,76 @@ def _selection(models: Sequence[str] | None, task_sets: Sequence[str] | None) ->
 def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
     """The fingerprint and the function computing one ``pam`` entry in ``folder/<model>_<task_set>``."""
     cfg = _pam_config(model, task_set, scale, threads)
-    fingerprint = _fingerprint(dump_config(cfg))
+    return _merge_entry(cfg, f"{model}_{task_set}", {"model": model, "task_set": task_set}, scale, folder)
+
+
+def _merge_entry(cfg: Any, label: str, meta: dict[str, Any], scale: str, folder: Path
+                 ) -> tuple[str, Callable[[], dict]]:
+    """The fingerprint and the function running ``mtprune merge`` with ``cfg`` in ``folder/<label>``."""
+    fingerprint = _fingerprint(_dump(cfg))
 
     def fn() -> dict:
         started = time.perf_counter()
-        run_dir = prepare_run_dir(folder / f"{model}_{task_set}", overwrite=True)
+        run_dir = prepare_run_dir(folder / label, overwrite=True)
         singles = prepare_singles(cfg, folder / "runs" / "singles", run_dir / "singles")
         run_cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"singles": str(run_dir / "singles")})})
         summary = run_merge(run_cfg, run_dir, quiet=True)
         strip_weights(run_dir)
-        return {"model": model, "task_set": task_set, "tasks": cfg.tasks, "scale": scale, "singles": singles,
+        return {**meta, "tasks": cfg.tasks, "scale": scale, "singles": singles,
                 "seconds": time.perf_counter() - started, "summary": summary,
                 "settings": _pam_settings(cfg)}
 
     return fingerprint, fn
 
 
+# the faithful PAM testbed (issue 16): digit presence, tanh + MSE, LeNet-5, a permutation-null relevance test
+PRESENCE = "presence_lenet"
+PRESENCE_CONFIG = "merge_pam_presence.yaml"
+PRESENCE_SEEDS = (0, 1, 2)
+PRESENCE_SCALE: dict[str, list[str]] = {"cpu": [], "small": ["merge.relevance=null"]}  # small: keep every neuron
+
+
+def _presence_config(seed: int, scale: str, threads: int):
+    if scale not in SCALE_OVERRIDES:
+        raise ValueError(f"unknown scale {scale!r} for the merge suites; known: {', '.join(SCALE_OVERRIDES)}")
+    overrides = [f"name=pam_{PRESENCE}_s{seed}", f"seed={seed}", f"threads={threads}", f"cost.threads={threads}",
+                 *SCALE_OVERRIDES[scale], *PRESENCE_SCALE[scale]]
+    return load_merge_config(_config_dir() / PRESENCE_CONFIG, overrides)
+
+
+def _presence_entry(seed: int, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
+    cfg = _presence_config(seed, scale, threads)
+    return _merge_entry(cfg, f"{PRESENCE}_s{seed}", {"model": "lenet", "task_set": "presence", "seed": seed}, scale,
+                        folder)
+
+
+def presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``presence_lenet`` summary from its per-seed digests (:func:`_pam_digest`): budget met by every
+    approach in every seed, PAM's exclusive neurons, and no merging / PAM for all tasks and for single tasks."""
+    seeds = sorted(int(r["seed"]) for r in runs.values())
+    tasks = next(iter(runs.values()))["tasks"]
+    all_key = "+".join(tasks)
+    per_seed = {k: {"within_budget": all(r["budget_met"][a] for a in ("no_merge", "pam")),
+                    "exclusive_neurons": sum(sum(p["exclusive"].values()) for p in r["partitions"]),
+                    "all_tasks": r["no_merge_over_pam"][all_key],
+                    "single_task_min": min(r["no_merge_over_pam"][t] for t in tasks),
+                    "naive_budget_met": r["budget_met"]["naive"],
+                    "naive_over_pam_all_tasks": r["naive_over_pam"][all_key]} for k, r in runs.items()}
+    vals = list(per_seed.values())
+    return {
+        "within_budget": all(v["within_budget"] for v in vals), "seeds": seeds,
+        "exclusive_neurons": min(v["exclusive_neurons"] for v in vals),
+        "no_merge_over_pam_all_tasks": sum(v["all_tasks"] for v in vals) / len(vals),
+        "no_merge_over_pam_single_task_min": min(v["single_task_min"] for v in vals),
+        "per_seed": per_seed,
+    }
+
+
 def _sensitivity_entry(model: str, task_set: str, scale: str, threads: int, folder: Path
                        ) -> tuple[str, Callable[[], dict]]:
     """PAM's partitions and the unpruned cost per subset for each ``SENSITIVITY`` setting, same networks."""
     cfg = _pam_config(model, task_set, scale, threads)
-    fingerprint = _fingerprint(dump_config(cfg), SENSITIVITY, "accuracy at merge")
+    fingerprint = _fingerprint(_dump(cfg), SENSITIVITY, "accuracy at merge")
 
     def fn() -> dict:
         import tempfile
@@ -194,12 +267,15 @@ def _pam_settings(cfg) -> dict:
             cfg.merge.alpha_linear], "noise_var": cfg.merge.noise_var, "naive_split": cfg.merge.naive_split,
             "retrain_epochs": cfg.merge.retrain.epochs, "ladder": cfg.prune.ladder,
             "accuracy_drop": cfg.prune.accuracy_drop, "finetune_epochs": cfg.prune.finetune.epochs,
-            "latency_batch": cfg.cost.batch_size, "threads": cfg.threads}
+            "latency_batch": cfg.cost.batch_size, "threads": cfg.threads,
+            **({"relevance": cfg.merge.relevance.model_dump(mode="json")} if cfg.merge.relevance else {})}
 
 
 def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
-            models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None, **_) -> dict:
-    """PAM against naive merging and no merging, LeNet-5 and VGG-16, 2 and 3 tasks; see the module docstring."""
+            models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None,
+            presence: bool = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
+    """PAM against naive merging and no merging: LeNet-5 and VGG-16 on left/right multidigits, 2 and 3 tasks (the
+    stress test), and the presence testbed over ``seeds`` (``presence``); see the module docstring."""
     threads = threads or 1
     torch.set_num_threads(threads)
     folder = results_dir("pam", out)
@@ -214,11 +290,21 @@ def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool 
         sensitivity[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}_sensitivity", fingerprint, fn)
     summary = {"suite": "pam", "scale": scale, "machine": machine(),
                "entries": {k: {**_pam_digest(v), "sensitivity": sensitivity[k]["rows"]} for k, v in results.items()}}
+    if presence:
+        runs = {}
+        for seed in seeds:
+            fingerprint, fn = _presence_entry(seed, scale, threads, folder)
+            runs[f"s{seed}"] = _get(entries, f"{PRESENCE}_s{seed}", fingerprint, fn)
+        results.update({f"{PRESENCE}_{k}": v for k, v in runs.items()})
+        digests = {k: {**_pam_digest(v), "seed": v["seed"]} for k, v in runs.items()}
+        summary["entries"][PRESENCE] = {**presence_digest(digests), "runs": digests}
     plot_pam(results, folder / "pam_cost_per_subset.png")
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_text(folder / "report.md", render_pam(summary))
     return {"suite": "pam", "scale": scale, "runs": list(results),
-            "no_merge_over_pam": {k: v["no_merge_over_pam"] for k, v in summary["entries"].items()}}
+            "no_merge_over_pam": {k: v["no_merge_over_pam"] for k, v in summary["entries"].items()
+                                  if "no_merge_over_pam" in v},
+            **({PRESENCE: {k: v for k, v in summary["entries"][PRESENCE].items() if k != "runs"}} if presence else {})}
 
 
 def _pam_digest(entry: Mapping[str, Any]) -> dict:
@@ -236,7 +322,10 @@ def _pam_digest(entry: Mapping[str, Any]) -> dict:
         "budget_met": met, "fraction_kept": {"no_merge": {t: v["fraction"] for t, v in b["no_merge"].items()},
                                              "naive": b["naive"]["fraction"], "pam": b["pam"]["fraction"]},
         "dense_macs": s["dense_macs"], "table": s["table"],
+        "relevance": [{"name": layer["name"], "relevance": layer["relevance"]} for layer in parts["layers"]
+                      if layer.get("relevance")],
         "no_merge_over_pam": {r["subset"]: r["no_merge_over_pam"] for r in s["table"]},
+        "naive_over_pam": {r["subset"]: r["naive_macs"] / max(r["pam_macs"], 1) for r in s["table"]},
         "partitions": [{k: layer[k] for k in ("name", "dropped", "shared", "exclusive")} for layer in parts["layers"]],
         "pam_seconds": parts["seconds"], "seconds": entry["seconds"],
         "singles": {t: {k: v[k] for k in ("acc", "seconds", "reused")} for t, v in entry["singles"].items()},
@@ -263,35 +352,79 @@ def render_pam(summary: Mapping[str, Any]) -> str:
              "accuracy budget of its single-task network is kept. MACs per sample; latency of a batch of "
              "16 on the CPU, one thread.", "", "![cost per subset](pam_cost_per_subset.png)", ""]
     for label, e in summary["entries"].items():
-        s = e["settings"]
-        lines += [f"## {label}: {_describe_model(s['model'])}; tasks {', '.join(e['tasks'])}", "",
-                  f"Data: {', '.join(f'{k} {v}' for k, v in s['data'].items())}; single-task training "
-                  f"{s['train_epochs']} epochs (lr {s['train_lr']}); PAM α = "
-                  f"{s['alpha'][0]}/{s['alpha'][1]}, noise variance {s['noise_var']}, retraining "
-                  f"{s['retrain_epochs']} epochs; naive merging shares {s['naive_split']} hidden layers; ladder "
-                  f"{s['ladder']}, budget {s['accuracy_drop']} points, {s['finetune_epochs']} fine-tuning epochs per "
-                  f"step. Entry wall time {e['seconds']:.0f} s; PAM's partitioning {e['pam_seconds']:.1f} s.", "",
-                  "| layer | D (dropped) | C (shared) | E (exclusive, per task) |", "|---|---|---|---|"]
-        lines += [f"| {p['name']} | {p['dropped']} | {p['shared']} | "
-                  f"{_per_task(p['exclusive'], e['tasks'])} |" for p in e["partitions"]]
-        met = e["budget_met"]
-        lines += ["", "| accuracy (%) | " + " | ".join(e["tasks"]) + " | budget met | MAC fraction kept |",
-                  "|---|" + "---|" * (len(e["tasks"]) + 2)]
-        frac = e["fraction_kept"]
-        for name, key in (("single-task", None), ("no merging", "no_merge"), ("naive", "naive"), ("PAM", "pam")):
-            acc = e["accuracy"][name]
-            kept = "1.000" if key is None else (", ".join(f"{v:.3f}" for v in frac[key].values())
-                                                if key == "no_merge" else f"{frac[key]:.3f}")
-            lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"])
-                         + f" | {'–' if key is None else met[key]} | {kept} |")
-        lines += ["", "| subset | no merging: MMACs (latency) | naive | PAM | no merging / PAM | "
-                  "naive / PAM |", "|---|---|---|---|---|---|"]
-        for r in e["table"]:
-            cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})" for a in ("no_merge", "naive", "pam")]
-            lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_over_pam']:.2f}× | "
-                         f"{r['naive_macs'] / max(r['pam_macs'], 1):.2f}× |")
-        lines += ["", *_render_sensitivity(e["sensitivity"], e["tasks"]), ""]
+        lines += _render_presence(e) if label == PRESENCE else _render_entry(label, e)
     return "\n".join(lines)
+
+
+def _render_entry(label: str, e: Mapping[str, Any]) -> list[str]:
+    """One ``pam`` entry: settings, partitions, accuracy at the budget, cost per subset (and the sensitivity)."""
+    s = e["settings"]
+    relevance = s.get("relevance")
+    test = (f"PAM α = {s['alpha'][0]}/{s['alpha'][1]}" if not relevance else
+            f"PAM relevance: permutation null ({relevance['permutations']} permutations, quantile "
+            f"{relevance['quantile']}, pooling {relevance['pooling']}, scale {relevance['scale']})")
+    lines = [f"## {label}: {_describe_model(s['model'])}; tasks {', '.join(e['tasks'])}", "",
+             f"Data: {', '.join(f'{k} {v}' for k, v in s['data'].items())}; single-task training "
+             f"{s['train_epochs']} epochs (lr {s['train_lr']}); {test}, noise variance {s['noise_var']}, retraining "
+             f"{s['retrain_epochs']} epochs; naive merging shares {s['naive_split']} hidden layers; ladder "
+             f"{s['ladder']}, budget {s['accuracy_drop']} points, {s['finetune_epochs']} fine-tuning epochs per "
+             f"step. Entry wall time {e['seconds']:.0f} s; PAM's partitioning {e['pam_seconds']:.1f} s.", "",
+             "| layer | D (dropped) | C (shared) | E (exclusive, per task) |", "|---|---|---|---|"]
+    lines += [f"| {p['name']} | {p['dropped']} | {p['shared']} | "
+              f"{_per_task(p['exclusive'], e['tasks'])} |" for p in e["partitions"]]
+    met = e["budget_met"]
+    lines += ["", "| accuracy (%) | " + " | ".join(e["tasks"]) + " | budget met | MAC fraction kept |",
+              "|---|" + "---|" * (len(e["tasks"]) + 2)]
+    frac = e["fraction_kept"]
+    for name, key in (("single-task", None), ("no merging", "no_merge"), ("naive", "naive"), ("PAM", "pam")):
+        acc = e["accuracy"][name]
+        kept = "1.000" if key is None else (", ".join(f"{v:.3f}" for v in frac[key].values())
+                                            if key == "no_merge" else f"{frac[key]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"])
+                     + f" | {'–' if key is None else met[key]} | {kept} |")
+    lines += ["", "| subset | no merging: MMACs (latency) | naive | PAM | no merging / PAM | "
+              "naive / PAM |", "|---|---|---|---|---|---|"]
+    for r in e["table"]:
+        cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})" for a in ("no_merge", "naive", "pam")]
+        lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_over_pam']:.2f}× | "
+                     f"{r['naive_macs'] / max(r['pam_macs'], 1):.2f}× |")
+    if "sensitivity" in e:
+        lines += ["", *_render_sensitivity(e["sensitivity"], e["tasks"])]
+    if e.get("relevance"):
+        lines += ["", *_render_relevance(e["relevance"], e["tasks"])]
+    return [*lines, ""]
+
+
+def _render_relevance(layers: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> list[str]:
+    """Per layer and task: the median KDE mutual information of its neurons against the median null threshold."""
+    out = ["Relevance test per layer: median mutual information of the layer's neurons (nats) against the median "
+           "of their permutation-null thresholds, and how many neurons beat their null:", "",
+           "| layer | " + " | ".join(f"{t}: MI / null / relevant" for t in tasks) + " |",
+           "|---|" + "---|" * len(tasks)]
+    for layer in layers:
+        cells = [f"{r['mi_median']:.3f} / {r['null_median']:.3f} / {r['relevant']} of {r['neurons']}"
+                 for r in (layer["relevance"][t] for t in tasks)]
+        out.append(f"| {layer['name']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _render_presence(e: Mapping[str, Any]) -> list[str]:
+    """The presence testbed: the verdicts over its seeds, then each seed's entry."""
+    lines = [f"## {PRESENCE}: digit presence (3 digits per canvas, low = 0–4, high = 5–9, tanh + MSE), LeNet-5, "
+             f"seeds {e['seeds']}", "",
+             f"Every approach within the budget in every seed: **{e['within_budget']}**. Exclusive neurons found by "
+             f"PAM (fewest over the seeds): **{e['exclusive_neurons']}**. No merging / PAM for both tasks, mean over "
+             f"seeds: **{e['no_merge_over_pam_all_tasks']:.2f}×**; for a single task, the smallest over tasks and "
+             f"seeds: **{e['no_merge_over_pam_single_task_min']:.2f}×** (the paper's LeNet row: about 1.16× and "
+             "1.0×).", "", "| seed | within budget | exclusive neurons | no merging / PAM, both | no merging / PAM, "
+             "single (min) | naive / PAM, both | naive within budget |", "|---|---|---|---|---|---|---|"]
+    for k, v in e["per_seed"].items():
+        lines.append(f"| {k} | {v['within_budget']} | {v['exclusive_neurons']} | {v['all_tasks']:.2f}× | "
+                     f"{v['single_task_min']:.2f}× | {v['naive_over_pam_all_tasks']:.2f}× | {v['naive_budget_met']} |")
+    lines.append("")
+    for k, run in e["runs"].items():
+        lines += _render_entry(f"{PRESENCE} {k}", run)
+    return lines
 
 
 def _per_task(values: Mapping[str, Any], tasks: Sequence[str]) -> str:
@@ -379,7 +512,8 @@ def _pam_record(model: str, task_set: str, scale: str, threads: int, pam_folder:
 
 
 def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
-             models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None, **_) -> dict:
+             models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None,
+             presence: bool = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
     """MFIS against no merging and PAM on the ``pam`` suite's single-task networks; see the module docstring.
 
     With ``out``, the ``pam`` entries it compares with live in ``out/pam``; otherwise in ``benchmarks/results/pam``.
@@ -394,33 +528,76 @@ def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool
         label = f"{model}_{task_set}"
         pam = _pam_record(model, task_set, scale, threads, pam_folder)
         cfg = _pam_config(model, task_set, scale, threads)
-        probe = _mfis_config(cfg, model, scale, threads, Path("singles"))
-        fingerprint = _fingerprint(dump_config(probe), pam["fingerprint"])
-
-        def fn(cfg=cfg, model=model, label=label, pam=pam) -> dict:
-            started = time.perf_counter()
-            run_dir = prepare_run_dir(folder / label, overwrite=True)
-            singles = prepare_singles(cfg, pam_folder / "runs" / "singles", run_dir / "singles")
-            mcfg = _mfis_config(cfg, model, scale, threads, run_dir / "singles")
-            summary = run_from_config(mcfg, run_dir, quiet=True)
-            torch.set_num_threads(threads)
-            strip_weights(run_dir)
-            return {"model": model, "tasks": cfg.tasks, "scale": scale, "singles": singles,
-                    "seconds": time.perf_counter() - started, "summary": summary,
-                    "settings": {**MFIS_SETTINGS[scale][model], "importance": mcfg.merge.importance,
-                                 "align": mcfg.merge.align, "select": mcfg.merge.select},
-                    "pam_fingerprint": pam["fingerprint"]}
-
-        results[label] = {"mfis": _get(entries, label, fingerprint, fn), "pam": pam}
+        results[label] = {"mfis": _mfis_entry(entries, label, model, model, cfg, pam, scale, threads, folder,
+                                              pam_folder), "pam": pam}
     summary = {"suite": "mfis", "scale": scale, "machine": machine(),
                "entries": {k: compare(v["mfis"], v["pam"]) for k, v in results.items()}}
-    plot_mfis(summary["entries"], folder / "mfis_vs_pam.png")
+    if presence:
+        runs = {}
+        for seed in seeds:
+            label = f"{PRESENCE}_s{seed}"
+            fingerprint, fn = _presence_entry(seed, scale, threads, pam_folder)
+            pam = _get(Entries(pam_folder, resume=True), label, fingerprint, fn)
+            cfg = _presence_config(seed, scale, threads)
+            runs[f"s{seed}"] = {"mfis": _mfis_entry(entries, label, PRESENCE, "lenet", cfg, pam, scale, threads,
+                                                    folder, pam_folder), "pam": pam}
+        summary["entries"][PRESENCE] = mfis_presence_digest(runs)
+    plot_mfis({**{k: v for k, v in summary["entries"].items() if k != PRESENCE},
+               **{f"{PRESENCE}_{k}": v for k, v in summary["entries"].get(PRESENCE, {}).get("runs", {}).items()}},
+              folder / "mfis_vs_pam.png")
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_text(folder / "report.md", render_mfis(summary))
+    legacy = {k: v for k, v in summary["entries"].items() if k != PRESENCE}
     return {"suite": "mfis", "scale": scale, "runs": list(results),
             "no_merge_over_mfis": {k: {r["subset"]: r["no_merge_dense_over_mfis"] for r in v["table"]}
-                                   for k, v in summary["entries"].items()},
-            "solver_seconds": {k: v["solver_seconds"] for k, v in summary["entries"].items()}}
+                                   for k, v in legacy.items()},
+            "solver_seconds": {k: v["solver_seconds"] for k, v in legacy.items()},
+            **({PRESENCE: {k: v for k, v in summary["entries"][PRESENCE].items() if k != "runs"}}
+               if presence else {})}
+
+
+def _mfis_entry(entries: Entries, label: str, settings_key: str, model: str, cfg: Any, pam: Mapping[str, Any],
+                scale: str, threads: int, folder: Path, pam_folder: Path) -> dict:
+    """One ``mfis`` entry: MFIS on the single-task networks of the ``pam`` entry ``pam`` (same ``cfg``)."""
+    probe = _mfis_config(cfg, settings_key, scale, threads, Path("singles"))
+    fingerprint = _fingerprint(_dump(probe), pam["fingerprint"])
+
+    def fn() -> dict:
+        started = time.perf_counter()
+        run_dir = prepare_run_dir(folder / label, overwrite=True)
+        singles = prepare_singles(cfg, pam_folder / "runs" / "singles", run_dir / "singles")
+        mcfg = _mfis_config(cfg, settings_key, scale, threads, run_dir / "singles")
+        summary = run_from_config(mcfg, run_dir, quiet=True)
+        torch.set_num_threads(threads)
+        strip_weights(run_dir)
+        return {"model": model, "tasks": cfg.tasks, "scale": scale, "singles": singles,
+                "seconds": time.perf_counter() - started, "summary": summary,
+                "settings": {**MFIS_SETTINGS[scale][settings_key], "importance": mcfg.merge.importance,
+                             "align": mcfg.merge.align, "select": mcfg.merge.select},
+                "pam_fingerprint": pam["fingerprint"]}
+
+    return _get(entries, label, fingerprint, fn)
+
+
+def mfis_presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``presence_lenet`` summary of the ``mfis`` suite from its per-seed ``{"mfis": entry, "pam": entry}``:
+    MFIS within the budget in every seed, no merging / MFIS for all tasks (mean over seeds) and per single task
+    (smallest), beside PAM's verdicts on the same networks (:func:`presence_digest`)."""
+    compared = {k: compare(v["mfis"], v["pam"]) for k, v in runs.items()}
+    pam = presence_digest({k: {**_pam_digest(v["pam"]), "seed": v["pam"]["seed"]} for k, v in runs.items()})
+    rows = {k: {r["subset"]: r for r in c["table"]} for k, c in compared.items()}
+    first = next(iter(compared.values()))
+    tasks, all_key = first["tasks"], "+".join(first["tasks"])
+    return {
+        "within_budget": all(c["mfis_within_budget"] for c in compared.values()),
+        "pam_within_budget": pam["within_budget"], "seeds": pam["seeds"],
+        "exclusive_neurons": pam["exclusive_neurons"],
+        "no_merge_over_pam_all_tasks": pam["no_merge_over_pam_all_tasks"],
+        "no_merge_over_pam_single_task_min": pam["no_merge_over_pam_single_task_min"],
+        "no_merge_over_mfis_all_tasks": sum(r[all_key]["no_merge_over_mfis"] for r in rows.values()) / len(rows),
+        "no_merge_over_mfis_single_task_min": min(r[t]["no_merge_over_mfis"] for r in rows.values() for t in tasks),
+        "runs": compared,
+    }
 
 
 def compare(mfis_entry: Mapping[str, Any], pam_entry: Mapping[str, Any]) -> dict:
@@ -451,7 +628,7 @@ def compare(mfis_entry: Mapping[str, Any], pam_entry: Mapping[str, Any]) -> dict
         "model": mfis_entry["model"], "tasks": tasks, "settings": mfis_entry["settings"], "accuracy_drop": drop,
         "same_networks": all(abs(ref[t] - ps["reference_acc"][t]) < 1e-9 for t in tasks),
         "mfis_within_budget": all(ms["acc_after_finetune"][t] >= ref[t] - drop for t in tasks),
-        "pam_budget_met": b["pam"]["budget_met"], "accuracy": accuracy, "table": rows,
+        "pam_budget_met": b["pam"]["budget_met"], "accuracy": accuracy, "table": rows, "budget": ms.get("budget"),
         "solver_seconds": ms["solver_seconds"], "search_seconds": mfis_report["seconds"],
         "pareto_size": len(mfis_report["front"]["F"]), "pam_seconds": ps["pam"]["partitions"]["seconds"],
         "seconds": mfis_entry["seconds"],
@@ -471,27 +648,50 @@ def render_mfis(summary: Mapping[str, Any]) -> str:
              "further, its accuracy is reported as it is. MACs per sample; latency of a batch of 16, one thread.",
              "", "![cost and accuracy](mfis_vs_pam.png)", ""]
     for label, e in summary["entries"].items():
-        s = e["settings"]
-        lines += [f"## {label}: {e['model']}, tasks {', '.join(e['tasks'])}", "",
-                  f"NSGA-III population {s['pop_size']}, {s['generations']} generations, importance "
-                  f"{s['importance']}, alignment {s['align']}, selection {s['select']}; fine-tuning "
-                  f"{s['finetune'].get('epochs')} epochs. Solver wall time **{e['solver_seconds']:.1f} s** "
-                  f"({e['pareto_size']} Pareto solutions; {e['search_seconds']:.1f} s with the statistics); PAM's "
-                  f"partitioning took {e['pam_seconds']:.1f} s. Same single-task networks as PAM: "
-                  f"{e['same_networks']}. MFIS within the {e['accuracy_drop']:g}-point budget: "
-                  f"{e['mfis_within_budget']}; PAM: {e['pam_budget_met']}.", "",
-                  "| accuracy (%) | " + " | ".join(e["tasks"]) + " |", "|---|" + "---|" * len(e["tasks"])]
-        for name, acc in e["accuracy"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"]) + " |")
-        lines += ["", "| subset | no merging, unpruned | no merging, pruned | PAM, pruned | MFIS | unpruned / MFIS | "
-                  "pruned / MFIS | pruned / PAM |", "|---|---|---|---|---|---|---|---|"]
-        for r in e["table"]:
-            cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})"
-                     for a in ("no_merge_dense", "no_merge", "pam", "mfis")]
-            lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_dense_over_mfis']:.2f}× | "
-                         f"{r['no_merge_over_mfis']:.2f}× | {r['no_merge_over_pam']:.2f}× |")
-        lines.append("")
+        lines += _render_mfis_presence(e) if label == PRESENCE else _render_mfis_entry(label, e)
     return "\n".join(lines)
+
+
+def _render_mfis_entry(label: str, e: Mapping[str, Any]) -> list[str]:
+    s = e["settings"]
+    lines = [f"## {label}: {e['model']}, tasks {', '.join(e['tasks'])}", "",
+             f"NSGA-III population {s['pop_size']}, {s['generations']} generations, importance "
+             f"{s['importance']}, alignment {s['align']}, selection {s['select']}; fine-tuning "
+             f"{s['finetune'].get('epochs')} epochs. Solver wall time **{e['solver_seconds']:.1f} s** "
+             f"({e['pareto_size']} Pareto solutions; {e['search_seconds']:.1f} s with the statistics); PAM's "
+             f"partitioning took {e['pam_seconds']:.1f} s. Same single-task networks as PAM: "
+             f"{e['same_networks']}. MFIS within the {e['accuracy_drop']:g}-point budget: "
+             f"{e['mfis_within_budget']}; PAM: {e['pam_budget_met']}.", "",
+             "| accuracy (%) | " + " | ".join(e["tasks"]) + " |", "|---|" + "---|" * len(e["tasks"])]
+    for name, acc in e["accuracy"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.1f}" for t in e["tasks"]) + " |")
+    if e.get("budget"):
+        lines += ["", "Front points tried, cheapest first (MACs as a fraction of no merging; accuracy after "
+                  "fine-tuning):", "", "| front point | MAC fraction | accuracy | within budget |", "|---|---|---|---|"]
+        lines += [f"| {t['index']} | {t['macs_fraction']:.3f} | "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in t["acc"].items()) + f" | {t['within_budget']} |"
+                  for t in e["budget"]["trials"]]
+    lines += ["", "| subset | no merging, unpruned | no merging, pruned | PAM, pruned | MFIS | unpruned / MFIS | "
+              "pruned / MFIS | pruned / PAM |", "|---|---|---|---|---|---|---|---|"]
+    for r in e["table"]:
+        cells = [f"{r[f'{a}_macs'] / 1e6:.3f} ({_ms(r[f'{a}_latency_ms'])})"
+                 for a in ("no_merge_dense", "no_merge", "pam", "mfis")]
+        lines.append(f"| {r['subset']} | " + " | ".join(cells) + f" | {r['no_merge_dense_over_mfis']:.2f}× | "
+                     f"{r['no_merge_over_mfis']:.2f}× | {r['no_merge_over_pam']:.2f}× |")
+    return [*lines, ""]
+
+
+def _render_mfis_presence(e: Mapping[str, Any]) -> list[str]:
+    lines = [f"## {PRESENCE}: MFIS on the presence testbed, seeds {e['seeds']}", "",
+             f"MFIS (the cheapest front point within the budget, filters aligned, fine-tuned) within the budget in "
+             f"every seed: **{e['within_budget']}**; no merging (pruned at the budget) / MFIS for both tasks, mean "
+             f"over seeds: **{e['no_merge_over_mfis_all_tasks']:.2f}×**, for a single task, smallest: "
+             f"**{e['no_merge_over_mfis_single_task_min']:.2f}×**. PAM on the same networks: "
+             f"{e['no_merge_over_pam_all_tasks']:.2f}× and {e['no_merge_over_pam_single_task_min']:.2f}× (within the "
+             f"budget: {e['pam_within_budget']}; exclusive neurons, fewest: {e['exclusive_neurons']}).", ""]
+    for k, run in e["runs"].items():
+        lines += _render_mfis_entry(f"{PRESENCE} {k}", run)
+    return lines
 
 
 def plot_mfis(entries: Mapping[str, Mapping[str, Any]], path: Path) -> Path:

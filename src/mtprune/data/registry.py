@@ -16,6 +16,7 @@ from .celeba import CelebA
 from .cityscapes import load_cityscapes
 from .multidigits import MultiDigits
 from .nyuv2 import load_nyuv2, load_nyuv2_40
+from .presence import DigitPresence
 from .synthetic_scenes import load_synthetic_scenes
 
 
@@ -28,6 +29,11 @@ def load_multidigits(root: str | Path | None = None, split: str = "train", **kw:
     return MultiDigits(split, **kw)
 
 
+def load_presence(root: str | Path | None = None, split: str = "train", **kw: Any) -> DigitPresence:
+    """Built in memory from scikit-learn's bundled digits; ``root`` is not used."""
+    return DigitPresence(split, **kw)
+
+
 DATASETS: dict[str, Callable[..., MultiTaskDataset]] = {
     "nyuv2": load_nyuv2,
     "nyuv2_40": load_nyuv2_40,
@@ -35,12 +41,13 @@ DATASETS: dict[str, Callable[..., MultiTaskDataset]] = {
     "celeba": load_celeba,
     "synthetic_scenes": load_synthetic_scenes,
     "multidigits": load_multidigits,
+    "presence": load_presence,
 }
 
 
 def _target(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The callable whose signature documents ``fn``'s keyword arguments (the class for thin wrappers)."""
-    return {load_celeba: CelebA, load_multidigits: MultiDigits}.get(fn, fn)
+    return {load_celeba: CelebA, load_multidigits: MultiDigits, load_presence: DigitPresence}.get(fn, fn)
 
 
 def load(name: str, root: str | Path | None = None, split: str = "train", **kw: Any) -> MultiTaskDataset:

@@ -45,12 +45,24 @@ from mtprune.utils.runtime import resolve_device, seed_everything
 from .cost import SubsetCost, cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs
 from .naive import naive_merge
 from .pam import pam
+from .subsets import deploy_costs, extract_tasks, merged_structure
+from .tasks import PresenceTask
 
-__all__ = ["MergeConfig", "load_merge_config", "run_merge", "tasks_of"]
+__all__ = ["MergeConfig", "load_merge_config", "relevance_kwargs", "run_merge", "tasks_of"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RelevanceSection(_Strict):
+    """PAM's relevance test (``merging.relevance``); absent from a config: the paper's fixed α."""
+
+    test: Literal["alpha", "permutation"] = "permutation"
+    pooling: Literal["max", "none"] = "max"  # "none": conv activations as flattened maps (the authors' code)
+    scale: Literal["raw", "unit"] = "unit"  # "unit": each neuron's distances divided by their mean
+    permutations: int = Field(30, ge=1)
+    quantile: float = Field(0.95, gt=0, le=1)
 
 
 class MergeSection(_Strict):
@@ -61,6 +73,7 @@ class MergeSection(_Strict):
     batch: int = Field(128, ge=2)
     naive_split: int = Field(2, ge=1)
     singles: str | None = None  # a directory of <task>.mtp single-task networks to merge instead of training them
+    relevance: RelevanceSection | None = None  # None: the paper's greedy sets under alpha_conv / alpha_linear
     retrain: TrainSection = Field(default_factory=lambda: TrainSection(epochs=3, lr=1e-3, weight_decay=0.0))
 
     @model_validator(mode="after")
@@ -110,6 +123,14 @@ class MergeConfig(_Strict):
     cost: CostSection = Field(default_factory=CostSection)
 
 
+def relevance_kwargs(section: RelevanceSection | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`~.pam.pam` for a config's ``merge.relevance`` (none: the paper's α)."""
+    if section is None:
+        return {}
+    return {"relevance": section.test, "pooling": section.pooling, "scale": section.scale,
+            "permutations": section.permutations, "quantile": section.quantile}
+
+
 def tasks_of(dataset: Any, names: list[str]) -> dict[str, Task]:
     """Tasks for the class / multi-label targets of a dataset (``kinds`` and ``num_classes``)."""
     out: dict[str, Task] = {}
@@ -117,6 +138,8 @@ def tasks_of(dataset: Any, names: list[str]) -> dict[str, Task]:
         kind = dataset.kinds.get(t)
         if kind == "class":
             out[t] = ClassificationTask(t, dataset.num_classes[t])
+        elif kind == "multilabel" and getattr(dataset, "signed_targets", False):
+            out[t] = PresenceTask(t, dataset.num_classes[t])  # ±1 targets: tanh + MSE, as PAM's code
         elif kind == "multilabel":
             out[t] = MultiLabelTask(t, dataset.num_classes[t])
         else:
@@ -179,9 +202,14 @@ class _Runner:
         for k, fraction in enumerate(p.ladder if ok else []):
             model.to(self.device)
             x = self.example.to(self.device)
-            prune(model, x, p.criterion, target_macs=fraction / current, data=self.stats_loader(),
-                  losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator, min_channels=p.min_channels,
-                  seed=self.cfg.seed)
+            try:
+                prune(model, x, p.criterion, target_macs=fraction / current, data=self.stats_loader(),
+                      losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
+                      min_channels=p.min_channels, seed=self.cfg.seed)
+            except MTPruneInputError as err:  # the pruner refused this step (the model is unchanged): stop here
+                steps.append({"fraction": current, "acc": acc, "ok": False, "error": str(err)[:300]})
+                log.info("%s: pruning to %.3f refused (%s)", where, fraction, err)
+                break
             current = profile(model, x, latency=False).macs / macs0
             self.fit(model, tasks, p.finetune, f"{where}/step{k + 1}")
             acc = self.score(model, tasks)
@@ -231,7 +259,8 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
     log.info("single-task accuracy: %s", reference)
 
     merged, report = pam(singles, r.train_set, alpha_conv=cfg.merge.alpha_conv, alpha_linear=cfg.merge.alpha_linear,
-                         noise_var=cfg.merge.noise_var, batch=cfg.merge.batch, seed=cfg.seed)
+                         noise_var=cfg.merge.noise_var, batch=cfg.merge.batch, seed=cfg.seed,
+                         **relevance_kwargs(cfg.merge.relevance))
     atomic_write_json(run_dir / "pam_partitions.json", report.to_dict(indices=True))
     acc_merged = r.score(merged, r.tasks)
     r.fit(merged, r.tasks, cfg.merge.retrain, "pam/retrain")
@@ -262,6 +291,7 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
             "naive": merged_costs(naive_p, x, **kw),
             "pam": merged_costs(pam_p, x, **kw),
         }
+        deploy = deploy_costs(pam_p, x, costs["pam"], **kw)  # each subset as its own model: MACs must match
         timing_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(run_threads)
@@ -274,12 +304,19 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
                title=f"{cfg.name}: cost per task subset at ≤{cfg.prune.accuracy_drop:g} points accuracy drop")
     for t, m in pruned_singles.items():
         save(m, run_dir / f"single_{t}.mtp", example_inputs=r.example)
-    save(naive_p, run_dir / "naive.mtp", example_inputs=r.example)
-    save(pam_p, run_dir / "pam.mtp", example_inputs=r.example, extra={"pam": report.to_dict(indices=True)})
+    save(naive_p, run_dir / "naive.mtp", example_inputs=r.example, extra={"merged": merged_structure(naive_p)})
+    save(pam_p, run_dir / "pam.mtp", example_inputs=r.example,
+         extra={"merged": merged_structure(pam_p), "pam": report.to_dict(indices=True)})
+    (run_dir / "deploy").mkdir(exist_ok=True)
+    for t in names:  # what serving one task needs, and nothing else
+        alone = extract_tasks(pam_p, [t])
+        save(alone, run_dir / "deploy" / f"pam_{t}.mtp", example_inputs=r.example,
+             extra={"merged": merged_structure(alone)})
     summary = {
         "name": cfg.name, "tasks": names, "reference_acc": reference,
         "pam": {"partitions": report.to_dict(), "acc_at_merge": acc_merged, "acc_after_retrain": acc_retrained},
         "dense_macs": dense, "budgets": budgets, "costs": costs_to_dict(costs), "table": table,
+        "pam_deploy": deploy,
         "setting": {"latency_batch_size": cfg.cost.batch_size, "threads": timing_threads,
                     "device": str(r.device)},
     }

@@ -39,25 +39,30 @@ class Partition:
         return {"D": self.dropped, "E": self.exclusive, "C": self.shared, "R": self.irrelevant}
 
 
-def irrelevant_set(acts: Tensor, labels: LabelMasks, alpha: float, noise_var: float = 0.1) -> list[int]:
+def irrelevant_set(acts: Tensor | None, labels: LabelMasks, alpha: float, noise_var: float = 0.1, *,
+                   dists: Tensor | None = None) -> list[int]:
     """Greedy R_t of PAM: neuron indices of ``acts`` ``[N, n]`` that together say at most ``alpha`` nats about
-    the labels, in the order they were added."""
-    acts = acts.detach()
-    if acts.dim() != 2:
-        raise MTPruneInputError(f"activations must be [N, n], got shape {tuple(acts.shape)}")
-    x = acts.to(torch.float64 if acts.dtype == torch.float64 else torch.float32)
-    per_neuron = pairwise_sq_dists(x)  # [n, N, N]
-    base = x.new_zeros(per_neuron.shape[1:])
+    the labels, in the order they were added. ``dists`` (``[n, N, N]``, e.g. of unpooled maps, see
+    ``relevance.neuron_distances``) replaces the distances computed from ``acts``."""
+    if dists is None:
+        if acts is None or acts.dim() != 2:
+            shape = None if acts is None else tuple(acts.shape)
+            raise MTPruneInputError(f"activations must be [N, n], got shape {shape}")
+        x = acts.detach()
+        per_neuron = pairwise_sq_dists(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+    else:
+        per_neuron = dists.detach()
+    base = per_neuron.new_zeros(per_neuron.shape[1:])
     # a neuron constant on the batch (e.g. dead after ReLU) adds no distance, so I(Y; X_R) does not change:
     # with α >= 0 the greedy would take every one of them first (I(Y; ∅) = 0); take them in one step
-    constant = (x == x[:1]).all(0)
+    constant = (per_neuron == 0).flatten(1).all(1)
     chosen = constant.nonzero().flatten().tolist() if alpha >= 0 else []
-    remaining = [j for j in range(x.shape[1]) if alpha < 0 or not bool(constant[j])]
-    n = x.shape[0]
+    remaining = [j for j in range(per_neuron.shape[0]) if alpha < 0 or not bool(constant[j])]
+    n = per_neuron.shape[1]
     step = max(1, _CHUNK_ELEMENTS // (n * n))
     while remaining:
         mi = torch.cat([
-            mi_from_distances(base[None] + per_neuron[torch.tensor(remaining[i:i + step], device=x.device)],
+            mi_from_distances(base[None] + per_neuron[torch.tensor(remaining[i:i + step], device=base.device)],
                               labels, noise_var)
             for i in range(0, len(remaining), step)
         ])

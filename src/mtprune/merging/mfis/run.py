@@ -33,6 +33,7 @@ from mtprune.config import DataConfig, ModelConfig, TrainSection, load_config, p
 from mtprune.utils.errors import MTPruneInputError
 
 from ..chain import Chain, check_same_architecture, read_chain
+from .budget import select_within_budget
 from .build import MFISNet, build_mfis
 from .encoding import decode, keep_counts, to_keep_sets
 from .objectives import Landscape, evaluate, network_macs, subset_macs
@@ -185,6 +186,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class MFISBudgetSection(_Strict):
+    """``select: budget``: try ``candidates`` front points cheapest first, keep the first within the budget."""
+
+    accuracy_drop: float = Field(2.0, ge=0)  # points below each task's single-task network
+    candidates: int = Field(6, ge=1)
+
+
 class MFISSection(_Strict):
     method: Literal["mfis"] = "mfis"
     importance: Literal["taylor", "l1"] = "taylor"
@@ -193,7 +201,8 @@ class MFISSection(_Strict):
     pop_size: int = Field(100, ge=4)
     generations: int = Field(100, ge=1)
     partitions: int | None = Field(None, ge=1)
-    select: Literal["knee"] | dict[str, float] = "knee"
+    select: Literal["knee", "budget"] | dict[str, float] = "knee"
+    budget: MFISBudgetSection | None = None  # select: budget (defaults when absent)
     batch: int = Field(256, ge=2)
     stats_batch_size: int = Field(32, ge=1)
     flips_per_block: float = Field(0.5, gt=0)
@@ -242,8 +251,9 @@ def merge_method(path: str | Path, overrides: list[str] | None = None) -> str:
 
 def print_summary(summary: Mapping[str, Any]) -> None:
     """The cost and accuracy table of a ``run_from_config`` summary, on the terminal."""
-    from rich.console import Console
     from rich.table import Table
+
+    from mtprune.utils.console import console
 
     table = Table(title=f"{summary['name']}: MFIS against no merging (MMACs per sample; accuracy after fine-tuning)")
     for col in ("subset", "no merging", "MFIS", "no merging / MFIS", "single-task acc", "MFIS acc"):
@@ -254,7 +264,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
                       f"{row['no_merge_over_mfis']:.2f}×",
                       ", ".join(f"{summary['reference_acc'][t]:.1f}" for t in tasks),
                       ", ".join(f"{summary['acc_after_finetune'][t]:.1f}" for t in tasks))
-    Console().print(table)
+    console().print(table)
 
 
 def load_mfis_config(path: str | Path, overrides: list[str] | None = None) -> MFISConfig:
@@ -325,6 +335,7 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
 
     from ..cost import cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs
     from ..experiment import tasks_of
+    from ..subsets import deploy_costs
     from .report import plot_front
 
     started = time.perf_counter()
@@ -370,20 +381,37 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
     front = _load_front(search_path) if resume and search_path.is_file() else None
     if not resume:
         state_path.unlink(missing_ok=True)  # a fresh run searches from the start
-    merged, report = mfis(singles, train_set, importance=m.importance, align=m.align, rate=m.rate,
-                          pop_size=m.pop_size, n_gen=m.generations, seed=cfg.seed, n_partitions=m.partitions,
-                          select=m.select, batch=m.batch, stats_batch_size=m.stats_batch_size, losses=tasks,
-                          flips_per_block=m.flips_per_block, quiet=quiet, front=front,
-                          search_state=state_path)
+    search = mfis_search(singles, train_set, importance=m.importance, align=m.align, rate=m.rate,
+                         pop_size=m.pop_size, n_gen=m.generations, seed=cfg.seed, n_partitions=m.partitions,
+                         batch=m.batch, stats_batch_size=m.stats_batch_size, losses=tasks,
+                         flips_per_block=m.flips_per_block, quiet=quiet, front=front, search_state=state_path)
     if front is None:
-        _save_front(search_path, report.front)
+        _save_front(search_path, search.front)
     state_path.unlink(missing_ok=True)  # the front replaces it
-    acc_merged = score(merged, tasks)
-    if m.finetune.epochs > 0:
-        where = run_dir / "finetune"
-        train(merged, dict(tasks), train_set, val_set, where, _train_config(m.finetune, cfg, quiet, where, resume))
-    merged.cpu().eval()
-    acc_finetuned = score(merged, tasks)
+
+    def finetune(net: nn.Module, where: Path) -> None:
+        if m.finetune.epochs > 0:
+            train(net, dict(tasks), train_set, val_set, where, _train_config(m.finetune, cfg, quiet, where, resume))
+        net.cpu().eval()
+
+    budget_info: dict[str, Any] | None = None
+    if m.select == "budget":
+        b = m.budget or MFISBudgetSection()
+        choice = select_within_budget(
+            search.front, lambda i: search.build(i)[0], lambda net: score(net, tasks),
+            lambda net, k: finetune(net, run_dir / "finetune" / f"trial{k}"), reference, b.accuracy_drop,
+            b.candidates)
+        merged, report = choice.net, search.build(choice.index)[1]
+        acc_merged, acc_finetuned = choice.acc_at_merge, choice.acc
+        budget_info = {"accuracy_drop": b.accuracy_drop, "candidates": b.candidates,
+                       "within_budget": choice.within_budget, "trials": choice.trials}
+    else:
+        index = select_solution(search.front, m.select)
+        merged, report = search.build(index)
+        acc_merged = score(merged, tasks)
+        finetune(merged, run_dir / "finetune")
+        acc_finetuned = score(merged, tasks)
+    report.settings["select"] = m.select if isinstance(m.select, str) else dict(m.select)
 
     x = example.expand(cfg.cost.batch_size, *example.shape[1:]).contiguous()
     kw = {"latency": cfg.cost.latency, "warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats}
@@ -392,6 +420,7 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
                 if c.macs != report.subset_macs[k]}
     if mismatch:  # the objectives' cost model and the built network disagree: a bug, say so loudly
         raise RuntimeError(f"MFIS analytic MACs differ from the measured ones: {mismatch}")
+    deploy = deploy_costs(merged, x, costs["mfis"], **kw)  # each subset as its own model: MACs must match
     table = cost_table(costs)
     plots = [str(p.relative_to(run_dir)) for p in plot_front(report.front, report.chosen, run_dir / "plots" / "pareto")]
     cost_png = plot_costs(costs, run_dir / "plots" / "cost_per_subset.png", title=f"{cfg.name}: cost per task subset")
@@ -399,7 +428,8 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
     save(merged, run_dir / "mfis.mtp", example_inputs=example, extra={"mfis": merged.structure()})
     summary = {
         "name": cfg.name, "tasks": names, "reference_acc": reference, "acc_at_merge": acc_merged,
-        "acc_after_finetune": acc_finetuned, "mfis": report.to_dict(), "costs": costs_to_dict(costs), "table": table,
+        "acc_after_finetune": acc_finetuned, "budget": budget_info, "mfis": report.to_dict(),
+        "costs": costs_to_dict(costs), "table": table, "mfis_deploy": deploy,
         "solver_seconds": report.front.seconds, "seconds": time.perf_counter() - started,
         "setting": {"latency_batch_size": cfg.cost.batch_size, "threads": torch.get_num_threads(),
                     "device": str(device)},

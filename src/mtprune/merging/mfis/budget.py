@@ -1,0 +1,71 @@
+"""Choosing the MFIS solution by the accuracy budget instead of the knee (issue 16; reconstruction of Cheng et
+al., Cognitive Computation 2021, METHODS.md §4).
+
+The knee of the Pareto front ignores accuracy: on the LeNet testbeds it picked networks that fine-tuning could
+not bring back within the budget. Here the front is sorted by its MAC objective, ``candidates`` points evenly
+spread over that order are tried from the cheapest up, each is built and fine-tuned, and the first whose every
+task is within ``accuracy_drop`` points of its single-task network is kept: the cheapest solution *among those
+tried* that meets the budget. When none does, the most accurate one tried is kept and ``within_budget`` is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from mtprune.utils.errors import MTPruneInputError
+
+from .solve import ParetoFront
+
+__all__ = ["BudgetChoice", "budget_candidates", "select_within_budget"]
+
+
+@dataclass
+class BudgetChoice:
+    """The chosen front point, its fine-tuned network and accuracy, and every trial."""
+
+    index: int
+    net: nn.Module
+    acc_at_merge: dict[str, float]
+    acc: dict[str, float]
+    within_budget: bool
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+def budget_candidates(front: ParetoFront, candidates: int) -> list[int]:
+    """Front indices to try, cheapest (MAC objective, ``F[:, -2]``) first, ``candidates`` of them evenly spread."""
+    if candidates < 1:
+        raise MTPruneInputError(f"budget candidates must be >= 1, got {candidates}")
+    order = np.argsort(front.F[:, -2], kind="stable")
+    picks = np.unique(np.linspace(0, len(order) - 1, min(candidates, len(order))).round().astype(int))
+    return [int(order[i]) for i in picks]
+
+
+def select_within_budget(front: ParetoFront, build: Callable[[int], nn.Module],
+                         score: Callable[[nn.Module], dict[str, float]],
+                         finetune: Callable[[nn.Module, int], None], reference: Mapping[str, float],
+                         accuracy_drop: float, candidates: int = 6) -> BudgetChoice:
+    """Try front points cheapest first (see the module docstring); ``build(i)`` makes point i's network,
+    ``finetune(net, trial)`` trains it in place, ``score(net)`` returns accuracy per task."""
+    trials: list[dict[str, Any]] = []
+    best: BudgetChoice | None = None
+    for trial, index in enumerate(budget_candidates(front, candidates)):
+        net = build(index)
+        at_merge = score(net)
+        finetune(net, trial)
+        acc = score(net)
+        margin = min(acc[t] - (reference[t] - accuracy_drop) for t in reference)
+        ok = margin >= 0
+        trials.append({"index": index, "macs_fraction": float(front.F[index, -2]), "acc_at_merge": at_merge,
+                       "acc": acc, "margin": margin, "within_budget": ok})
+        if ok:
+            return BudgetChoice(index, net, at_merge, acc, True, trials)
+        if best is None or margin > max(t["margin"] for t in trials[:-1]):
+            best = BudgetChoice(index, net, at_merge, acc, False)
+    assert best is not None
+    best.trials = trials
+    return best
