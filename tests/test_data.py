@@ -263,7 +263,8 @@ def test_registry_errors():
         D.load("nyuv2")
     with pytest.raises(MTPruneInputError, match="bogus"):
         D.load("cityscapes", root="/nowhere", bogus=1)
-    assert set(D.DATASETS) == {"nyuv2", "nyuv2_40", "cityscapes", "celeba", "synthetic_scenes", "multidigits"}
+    assert set(D.DATASETS) == {"nyuv2", "nyuv2_40", "cityscapes", "celeba", "synthetic_scenes", "multidigits",
+                               "presence"}
 
 
 def test_missing_root_and_split(tmp_path):

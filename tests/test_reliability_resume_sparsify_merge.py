@@ -29,6 +29,7 @@ from mtprune.cli import main
 from mtprune.sparsity import sparsify
 from mtprune.sparsity.training import SparseTrainConfig
 from mtprune.utils.errors import MTPruneInputError
+from mtprune.utils.rundir import MARKER
 from test_reliability_resume import (
     assert_same_tensors,
     epochs_logged,
@@ -264,6 +265,7 @@ def test_unit_checkpoints_are_loaded_safely_on_resume(tmp_path, env, capsys, com
            else write(tmp_path / "mfis.yaml", {**MFIS, "train": {**MFIS["train"], "epochs": 1}}))
     run, marker = tmp_path / "run", tmp_path / "pwned"
     (run / unit).parent.mkdir(parents=True)
+    (run / MARKER).touch()  # a run directory mtprune made, with a planted or damaged unit
     if damage == "pickle":
         torch.save({"format": "mtprune-train-checkpoint", "version": 1, "model": Payload(marker)}, run / unit)
     else:

@@ -26,6 +26,7 @@ from mtprune.engine import TrainConfig, Trainer, load_checkpoint
 from mtprune.engine import checkpoint as checkpoint_mod
 from mtprune.engine import trainer as trainer_mod
 from mtprune.tasks import DepthTask, SegmentationTask
+from mtprune.utils.rundir import MARKER
 
 TINY = tiny_run(train={"epochs": 1, "batch_size": 6, "lr": 0.002, "eval_batch_size": 6})
 PRUNE = {"criterion": "taylor", "target_macs": 0.5, "steps": 2, "stats_batches": 1,
@@ -100,6 +101,7 @@ def test_the_payload_is_live_when_unpickled(tmp_path, kind):
 def test_malicious_last_checkpoint_is_refused_on_resume(config, tmp_path, capsys, kind):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     malicious_checkpoint(run / "checkpoints" / "last.pt", marker, kind)
+    (run / MARKER).touch()  # a run directory mtprune made, with a planted checkpoint
     assert cli("train", config, "--out", run, "--resume") == 2
     line = one_error_line(capsys)
     assert str(run / "checkpoints" / "last.pt") in line and "refused" in line
@@ -109,6 +111,7 @@ def test_malicious_last_checkpoint_is_refused_on_resume(config, tmp_path, capsys
 def test_malicious_dense_checkpoint_is_refused_by_prune_resume(config, tmp_path, capsys):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     malicious_checkpoint(run / "dense" / "checkpoints" / "last.pt", marker, "torch")
+    (run / MARKER).touch()
     assert cli("prune", config, "--out", run, "--resume") == 2
     assert str(run / "dense" / "checkpoints" / "last.pt") in one_error_line(capsys)
     assert not marker.exists()

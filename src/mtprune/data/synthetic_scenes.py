@@ -500,31 +500,34 @@ class SyntheticScenes(MTANDataset):
         """The training epoch (1-based; 0 = none): from epoch 2 on, a fresh dataset renders new scenes."""
         self.epoch = int(epoch)
 
-    def _arrays(self, index: int) -> dict[str, np.ndarray]:
-        """The raw arrays of item ``index`` at the current epoch: rendered (fresh, epoch ≥ 2) or stored."""
+    def _arrays(self, index: int) -> dict[str, tuple[np.ndarray, Path | str]]:
+        """The raw arrays of item ``index`` at the current epoch, each with where it came from (its file, or
+        the rendered scene), so that an error names the right source: rendered (fresh, epoch ≥ 2) or stored."""
         if self.fresh and self.epoch >= 2:
             if self._scene is None:
                 known = {f.name for f in dataclasses.fields(SceneParams)}
                 scene = SceneParams(**{k: v for k, v in (self.params or {}).items() if k in known})
                 self._scene = (scene, make_palette(scene))
             scene, palette = self._scene
-            return render_scene(scene_rng(scene, self.split, index, self.epoch), scene, palette)
+            source = f"{self.root / self.split} scene {index} rendered for epoch {self.epoch}"
+            return {k: (v, source) for k, v in
+                    render_scene(scene_rng(scene, self.split, index, self.epoch), scene, palette).items()}
         name = f"{index}.npy"
         folders = {"image": self.image_dir, **{SCENE_TASKS[t][0]: d for t, d in self.task_dirs.items()
                                                if t in SCENE_TASKS}}
         if any(t in ATTRIBUTE_TASKS for t in self.kinds):
             folders["label"] = self.task_dirs[next(t for t in self.kinds if t in ATTRIBUTE_TASKS)]
-        return {key: read_npy(d / name) for key, d in folders.items()}
+        return {key: (read_npy(d / name), d / name) for key, d in folders.items()}
 
     def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        arrays, where = self._arrays(index), self.image_dir / f"{index}.npy"
-        image = image_to_tensor(arrays["image"], where)
-        targets = {t: dense_to_tensor(arrays[SCENE_TASKS[t][0]], self.kinds[t], where)
+        arrays = self._arrays(index)
+        image = image_to_tensor(*arrays["image"])
+        targets = {t: dense_to_tensor(arrays[SCENE_TASKS[t][0]][0], self.kinds[t], arrays[SCENE_TASKS[t][0]][1])
                    for t in self.kinds if t not in ATTRIBUTE_TASKS}
         check_same_size(image, targets, self.kinds, f"{self.root / self.split} item {index} (epoch {self.epoch})")
         attrs = [t for t in self.kinds if t in ATTRIBUTE_TASKS]
         if attrs:
-            label = dense_to_tensor(arrays["label"], "seg", where).numpy()
+            label = dense_to_tensor(arrays["label"][0], "seg", arrays["label"][1]).numpy()
             values = scene_attributes(label, self.scene_classes)
             targets.update({t: torch.from_numpy(values[t]) for t in attrs})
         return image, targets
