@@ -59,7 +59,9 @@ class LatencySetting:
     """Where and how latency is measured: ``device`` ("cpu", "cuda", "cuda:N"), CPU ``threads`` (default: the
     current ``torch.get_num_threads()``), ``batch``, ``dtype`` ("float32", "float16", "bfloat16"), ``grid``
     points per width dimension, ``warmup``/``repeats`` per timing, the cache folder, whether the dense model is
-    timed to calibrate the table, and an optional injected ``table`` (no timing at all)."""
+    timed to calibrate the table, ``feedback``: how many times at most the pruned configuration is built and
+    timed to correct the goal when the prediction misses (0: trust the table), and an optional injected ``table``
+    (no timing at all)."""
 
     device: str = "cpu"
     threads: int | None = None
@@ -70,6 +72,7 @@ class LatencySetting:
     repeats: int = 5
     cache_dir: str | None = None
     calibrate: bool = True
+    feedback: int = 3
     table: Table | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -102,6 +105,8 @@ class LatencySetting:
             raise MTPruneInputError(f"latency device {self.device!r}: CUDA is not available")
         if self.dtype not in DTYPES:
             raise MTPruneInputError(f"latency dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.feedback, bool) or not isinstance(self.feedback, int) or self.feedback < 0:
+            raise MTPruneInputError(f"latency feedback must be an int >= 0, got {self.feedback!r}")
         for name in ("batch", "grid", "repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "grid" else 1):
@@ -347,3 +352,37 @@ def model_latency(model: nn.Module, example_inputs: Any,
 def setting_dict(setting: LatencySetting) -> dict[str, Any]:
     """The JSON-able fields of a setting (the injected table left out)."""
     return {f.name: getattr(setting, f.name) for f in fields(setting) if f.name != "table"}
+
+
+def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds: int,
+                   tolerance: float = 0.02) -> tuple[Any, list[dict[str, float]]]:
+    """Correct a latency plan with real timings: time the pruned configuration (``measure(plan)`` in ms); while it
+    misses ``goal_ms`` by more than ``tolerance``, ask the allocator for another predicted latency (``replan(ms)``):
+    scaled by goal / measured after the first timing, then by the secant through the last two (asked, measured)
+    pairs; at most ``rounds`` timings. Returns the plan measured closest to the goal (preferring those no more
+    than 5 % over it) and the trials (the returned plan's marked ``chosen``). The per-layer table misses what
+    isolated layers do not show (cache effects, thin layers' fixed costs); this loop, not the table, is what
+    brings the real latency within a few %."""
+    trials: list[dict[str, float]] = []
+    best: tuple[tuple[bool, float], Any, int] | None = None
+    ask = goal_ms
+    for _ in range(rounds):
+        got = float(measure(plan))
+        trials.append({"asked_ms": ask, "measured_ms": got})
+        key = (got > goal_ms * 1.05, abs(got - goal_ms))
+        if best is None or key < best[0]:
+            best = (key, plan, len(trials) - 1)
+        if abs(got - goal_ms) <= tolerance * goal_ms or got <= 0:
+            break
+        if len(trials) >= 2 and trials[-1]["measured_ms"] != trials[-2]["measured_ms"]:
+            (a0, m0), (a1, m1) = ((t["asked_ms"], t["measured_ms"]) for t in trials[-2:])
+            ask = a1 + (goal_ms - m1) * (a1 - a0) / (m1 - m0)
+        else:
+            ask *= goal_ms / got
+        if ask <= 0:
+            break
+        plan = replan(ask)
+    if best is None:
+        return plan, trials
+    trials[best[2]]["chosen"] = True
+    return best[1], trials

@@ -10,6 +10,7 @@ keeping the most importance per millisecond (``allocate.plan_for_cost``; HALP, S
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,7 @@ from .allocate import Plan, group_round_to, plan_for_cost, plan_removal
 from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
-from .latency import LatencySetting, hardware_round_to, latency_model
+from .latency import LatencySetting, close_the_loop, hardware_round_to, latency_model, measure_model_ms
 from .stats import StatisticsEngine, static_stats
 
 
@@ -287,17 +288,29 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     else:
         lat = latency_model(model, example_inputs, cost, lat_setting)
         goal = value * lat.dense_ms if name == "target_latency" else value
-        if allocator == "global":
-            plan = plan_for_cost(graph.groups, scores, cost.tracker(lat.layer_cost), goal, tolerance=tolerance,
-                                 **plan_kw)
-            fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
-        else:
-            plan, fraction = search_fraction(graph, scores, lat.predict, goal, plan_kw, tolerance)
+
+        def replan(ms: float) -> Plan:
+            if allocator == "global":
+                return plan_for_cost(graph.groups, scores, cost.tracker(lat.layer_cost), ms, tolerance=tolerance,
+                                     **plan_kw)
+            return search_fraction(graph, scores, lat.predict, ms, plan_kw, tolerance)[0]
+
+        plan, trials = replan(goal), []
+        if lat_setting.feedback and lat_setting.table is None:  # real timings correct what the table misses
+            def measure(p: Plan) -> float:
+                trial = copy.deepcopy(model)
+                _apply(trial, example_inputs, _plan_by_root(graph, p), **graph_kw)
+                return measure_model_ms(trial, example_inputs, lat_setting)
+
+            plan, trials = close_the_loop(goal, plan, replan, measure, lat_setting.feedback)
+        fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
         predicted = lat.predict(plan)
         extra["latency"] = {**lat.describe(), "goal_ms": goal, "predicted_ms": predicted,
-                            "predicted_ratio": predicted / lat.dense_ms}
-        if abs(predicted - goal) > max(10 * tolerance, 0.05) * goal:
-            warnings.warn(f"{name}={value} was not reached: the predicted latency is {predicted:.3f} ms against "
+                            "predicted_ratio": predicted / lat.dense_ms, "feedback": trials}
+        reached = next((t["measured_ms"] for t in trials if t.get("chosen")), predicted)
+        if abs(reached - goal) > max(10 * tolerance, 0.05) * goal:
+            what = "measured" if trials else "predicted"
+            warnings.warn(f"{name}={value} was not reached: the {what} latency is {reached:.3f} ms against "
                           f"{goal:.3f} ms (min_channels={min_channels}, protected layers and part_ratios limit the "
                           "removal)", stacklevel=2)
     extra["fraction"] = fraction
