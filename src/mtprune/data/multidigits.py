@@ -55,7 +55,38 @@ def compose_pairs(
     return canvas, left, right
 
 
-class MultiDigits(MultiTaskDataset):
+def digit_pool(split: str, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8×8 digits scaled to [0, 1], their labels, and the indices of ``split``'s pool: a
+    seeded split of the digits themselves, so no validation digit is ever drawn in training."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)
+    labels = data.target.astype(np.int64)
+    order = np.random.default_rng([seed, 0]).permutation(len(images))
+    n_val_pool = int(round(val_fraction * len(images)))
+    return images, labels, (order[:n_val_pool] if split == "val" else order[n_val_pool:])
+
+
+class DigitCanvases(MultiTaskDataset):
+    """What the digit composites share: grey canvases resized to ``size`` and served as 3-channel images."""
+
+    images: Tensor
+    targets: dict[str, Tensor]
+
+    def set_canvases(self, canvas: np.ndarray, size: int | Sequence[int]) -> None:
+        h, w = as_size(size)
+        x = torch.from_numpy(canvas)[:, None]
+        self.images = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.images[index].repeat(3, 1, 1), {t: v[index].clone() for t, v in self.targets.items()}
+
+
+class MultiDigits(DigitCanvases):
     """Left/right digit pairs; see the module docstring."""
 
     def __init__(
@@ -70,8 +101,6 @@ class MultiDigits(MultiTaskDataset):
         val_fraction: float = 0.3,
         transform: JointTransform | None = None,
     ) -> None:
-        from sklearn.datasets import load_digits
-
         if split not in SPLITS:
             raise MTPruneInputError(f"unknown multidigits split {split!r}; known: {', '.join(SPLITS)}")
         n = n_train if split == "train" else n_val
@@ -86,22 +115,9 @@ class MultiDigits(MultiTaskDataset):
             transform=transform,
         )
         self.split = split
-        digits = load_digits()
-        images = (digits.images / 16.0).astype(np.float32)
-        labels = digits.target.astype(np.int64)
-        order = np.random.default_rng([seed, 0]).permutation(len(images))
-        n_val_pool = int(round(val_fraction * len(images)))
-        pool = order[:n_val_pool] if split == "val" else order[n_val_pool:]
+        images, labels, pool = digit_pool(split, seed, val_fraction)
         rng = np.random.default_rng([seed, 1 + SPLITS.index(split)])
         canvas, self.left_index, self.right_index = compose_pairs(images, pool, n, rng)
         self.left, self.right = labels[self.left_index], labels[self.right_index]
-        h, w = as_size(size)
-        x = torch.from_numpy(canvas)[:, None]
-        self.images = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        self.set_canvases(canvas, size)
         self.targets = {t: torch.from_numpy(np.asarray(DIGIT_TASKS[t][2](self.left, self.right))) for t in names}
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.images[index].repeat(3, 1, 1), {t: v[index].clone() for t, v in self.targets.items()}

@@ -19,12 +19,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from ..utils.errors import MTPruneInputError
-from .base import MultiTaskDataset, select_tasks
-from .transforms import JointTransform, as_size
+from .base import select_tasks
+from .multidigits import DigitCanvases, digit_pool
+from .transforms import JointTransform
 
 SLOTS = 2  # slots per side: 2×2 of them
 DIGIT = 8
@@ -54,7 +53,7 @@ def compose_presence(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, n
     return canvas, present
 
 
-class DigitPresence(MultiTaskDataset):
+class DigitPresence(DigitCanvases):
     """Several digits per canvas, ±1 presence labels split into tasks; see the module docstring."""
 
     signed_targets = True  # targets are −1 (absent) / +1 (present): tanh + MSE, as in PAM's code
@@ -73,8 +72,6 @@ class DigitPresence(MultiTaskDataset):
         val_fraction: float = 0.3,
         transform: JointTransform | None = None,
     ) -> None:
-        from sklearn.datasets import load_digits
-
         if split not in SPLITS:
             raise MTPruneInputError(f"unknown presence split {split!r}; known: {', '.join(SPLITS)}")
         n = n_train if split == "train" else n_val
@@ -90,23 +87,10 @@ class DigitPresence(MultiTaskDataset):
         super().__init__({t: "multilabel" for t in names},
                          num_classes={t: len(PRESENCE_TASKS[t]) for t in names}, transform=transform)
         self.split = split
-        data = load_digits()
-        images = (data.images / 16.0).astype(np.float32)
-        labels = data.target.astype(np.int64)
-        order = np.random.default_rng([seed, 0]).permutation(len(images))
-        n_val_pool = int(round(val_fraction * len(images)))
-        pool = order[:n_val_pool] if split == "val" else order[n_val_pool:]
+        images, labels, pool = digit_pool(split, seed, val_fraction)
         rng = np.random.default_rng([seed, 11 + SPLITS.index(split)])
         canvas, present = compose_presence(images, labels, pool, n, digits, jitter, rng)
         self.presence = torch.from_numpy(present)
-        h, w = as_size(size)
-        x = torch.from_numpy(canvas)[:, None]
-        self.images = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        self.set_canvases(canvas, size)
         signed = self.presence * 2.0 - 1.0
         self.targets = {t: signed[:, list(PRESENCE_TASKS[t])].contiguous() for t in names}
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load_item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.images[index].repeat(3, 1, 1), {t: v[index].clone() for t, v in self.targets.items()}
