@@ -77,6 +77,10 @@ class ChannelMap(NamedTuple):
     root: list[int]
     local: list[int]
 
+    def locals_of(self, roots: set[int]) -> list[int]:
+        """The module's channels that the group channels ``roots`` touch."""
+        return [lc for r, lc in zip(self.root, self.local, strict=True) if r in roots]
+
 
 @dataclass
 class ChannelGroup:

@@ -50,11 +50,9 @@ class MacsModel:
         for gi, idxs in plan.items():
             g, drop = groups[gi], set(idxs)
             for name in g.producers:
-                m = g.out_maps[name]
-                out_rm.setdefault(name, set()).update(lc for r, lc in zip(m.root, m.local, strict=True) if r in drop)
+                out_rm.setdefault(name, set()).update(g.out_maps[name].locals_of(drop))
             for name in g.consumers:
-                m = g.in_maps[name]
-                in_rm.setdefault(name, set()).update(lc for r, lc in zip(m.root, m.local, strict=True) if r in drop)
+                in_rm.setdefault(name, set()).update(g.in_maps[name].locals_of(drop))
         total = 0.0
         for name, macs in self.base.items():
             if name not in out_rm and name not in in_rm:

@@ -28,12 +28,9 @@ from ...engine.batch import unpack_batch
 from ...utils.errors import MTPruneInputError
 from ...utils.runtime import eval_mode
 from ..graph import ChannelGroup
+from ..stats import channel_dim
 
 Losses = dict[str, float]
-
-
-def _channel_dim(module: nn.Module) -> int:
-    return -1 if isinstance(module, nn.Linear | nn.LayerNorm) else 1
 
 
 def _gate_channels(groups: Sequence[ChannelGroup], plan: Mapping[int, Iterable[int]]) -> dict[str, list[int]]:
@@ -41,8 +38,7 @@ def _gate_channels(groups: Sequence[ChannelGroup], plan: Mapping[int, Iterable[i
     for gi, idxs in plan.items():
         g, drop = groups[gi], set(idxs)
         for gate in g.gates:
-            m = g.out_maps[gate]
-            zero.setdefault(gate, set()).update(lc for r, lc in zip(m.root, m.local, strict=True) if r in drop)
+            zero.setdefault(gate, set()).update(g.out_maps[gate].locals_of(drop))
     return {n: sorted(c) for n, c in zero.items() if c}
 
 
@@ -52,7 +48,7 @@ def masked(model: nn.Module, groups: Sequence[ChannelGroup], plan: Mapping[int, 
     modules = dict(model.named_modules())
     handles = []
 
-    def hook_for(idx: list[int], dim: int):
+    def hook_for(idx: list[int]):
         cache: dict[torch.device, Tensor] = {}
 
         def hook(module: nn.Module, args: Any, out: Any) -> Any:
@@ -61,14 +57,13 @@ def masked(model: nn.Module, groups: Sequence[ChannelGroup], plan: Mapping[int, 
             index = cache.get(out.device)
             if index is None:
                 index = cache[out.device] = torch.tensor(idx, device=out.device)
-            return out.index_fill(dim % out.dim(), index, 0)
+            return out.index_fill(channel_dim(module, out), index, 0)  # the gate's own channel dimension
 
         return hook
 
     try:
         for name, idx in _gate_channels(groups, plan).items():
-            module = modules[name]
-            handles.append(module.register_forward_hook(hook_for(idx, _channel_dim(module))))
+            handles.append(modules[name].register_forward_hook(hook_for(idx)))
         yield
     finally:
         for h in handles:
