@@ -74,6 +74,18 @@ class DigitCanvases(MultiTaskDataset):
     images: Tensor
     targets: dict[str, Tensor]
 
+    @staticmethod
+    def split_size(name: str, split: str, n_train: int, n_val: int, val_fraction: float) -> int:
+        """The number of composites of ``split``, after checking the split arguments (errors name ``name``)."""
+        if split not in SPLITS:
+            raise MTPruneInputError(f"unknown {name} split {split!r}; known: {', '.join(SPLITS)}")
+        n = n_train if split == "train" else n_val
+        if n <= 0:
+            raise MTPruneInputError(f"empty dataset: {name} {split} size is {n}")
+        if not 0.0 < val_fraction < 1.0:
+            raise MTPruneInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        return n
+
     def set_canvases(self, canvas: np.ndarray, size: int | Sequence[int]) -> None:
         h, w = as_size(size)
         x = torch.from_numpy(canvas)[:, None]
@@ -101,13 +113,7 @@ class MultiDigits(DigitCanvases):
         val_fraction: float = 0.3,
         transform: JointTransform | None = None,
     ) -> None:
-        if split not in SPLITS:
-            raise MTPruneInputError(f"unknown multidigits split {split!r}; known: {', '.join(SPLITS)}")
-        n = n_train if split == "train" else n_val
-        if n <= 0:
-            raise MTPruneInputError(f"empty dataset: multidigits {split} size is {n}")
-        if not 0.0 < val_fraction < 1.0:
-            raise MTPruneInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        n = self.split_size("multidigits", split, n_train, n_val, val_fraction)
         names = select_tasks(DIGIT_TASKS, tasks, "multidigits")
         super().__init__(
             {t: DIGIT_TASKS[t][0] for t in names},

@@ -22,12 +22,11 @@ import torch
 
 from ..utils.errors import MTPruneInputError
 from .base import select_tasks
-from .multidigits import DigitCanvases, digit_pool
+from .multidigits import SPLITS, DigitCanvases, digit_pool
 from .transforms import JointTransform
 
 SLOTS = 2  # slots per side: 2×2 of them
 DIGIT = 8
-SPLITS = ("train", "val")
 # task → the digits whose presence it predicts
 PRESENCE_TASKS: dict[str, tuple[int, ...]] = {"low": (0, 1, 2, 3, 4), "high": (5, 6, 7, 8, 9),
                                               "all": tuple(range(10))}
@@ -72,17 +71,11 @@ class DigitPresence(DigitCanvases):
         val_fraction: float = 0.3,
         transform: JointTransform | None = None,
     ) -> None:
-        if split not in SPLITS:
-            raise MTPruneInputError(f"unknown presence split {split!r}; known: {', '.join(SPLITS)}")
-        n = n_train if split == "train" else n_val
-        if n <= 0:
-            raise MTPruneInputError(f"empty dataset: presence {split} size is {n}")
+        n = self.split_size("presence", split, n_train, n_val, val_fraction)
         if not 1 <= digits <= SLOTS * SLOTS:
             raise MTPruneInputError(f"digits must be in 1..{SLOTS * SLOTS} (one per slot), got {digits}")
         if not 0 <= jitter <= DIGIT:
             raise MTPruneInputError(f"jitter must be in 0..{DIGIT} pixels, got {jitter}")
-        if not 0.0 < val_fraction < 1.0:
-            raise MTPruneInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
         names = select_tasks(PRESENCE_TASKS, tasks, "presence")
         super().__init__({t: "multilabel" for t in names},
                          num_classes={t: len(PRESENCE_TASKS[t]) for t in names}, transform=transform)
