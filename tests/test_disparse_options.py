@@ -14,10 +14,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mtprune
 from mtprune.config import DynamicSection, SparsifySection
 from mtprune.sparsity import apply_masks, get_masks, sparsify
 from mtprune.sparsity.disparse import xavier_copy
@@ -26,25 +24,7 @@ from mtprune.sparsity.erk import erk_densities
 from mtprune.sparsity.masks import maskable_layers, maskable_params, trainable_weight
 from mtprune.sparsity.parts import layer_parts
 from mtprune.utils.errors import MTPruneInputError
-
-LOSSES = {"seg": F.cross_entropy, "normal": F.mse_loss}
-
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return mtprune.build_model("deeplab_resnet18", {"seg": 5, "normal": 3}, width=0.125, head="conv",
-                               head_kwargs={"hidden": 16, "width": 1.0})
-
-
-def batches(n: int = 2, size: int = 4, seed: int = 1, hw: int = 4) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=g), {"seg": torch.randint(0, 5, (size, hw, hw), generator=g),
-                                                        "normal": torch.randn(size, 3, hw, hw, generator=g)})
-            for _ in range(n)]
-
-
-DATA = batches()
-X = DATA[0][0]
+from test_sparsity import DATA, LOSSES, X, tiny  # the same tiny model and data
 
 
 # ---------------------------------------------------------------- ERK power
