@@ -29,6 +29,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``0,2`` -> (0, 2): non-negative integers, each once."""
+    try:
+        seeds = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (argparse ``type``)."""
     try:
@@ -129,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the suite")
     bench.add_argument("--resume", action="store_true",
                        help="keep the entries that already finished (only ones made at the same --scale)")
+    bench.add_argument("--seeds", type=seed_list, default=None,
+                       help="run only these seeds, comma-separated (suites with seeds: criteria, garg2023, "
+                            "disparse2022); processes with disjoint seeds may share one results folder, and a "
+                            "final --resume run without --seeds writes the combined tables")
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory on its validation split")
     ev.add_argument("target", help="a run directory (or a .mtp file with --config)")

@@ -263,7 +263,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.common import results_dir
 
     check_bench_scale(results_dir(args.suite, args.out), args.scale, resume=args.resume)
-    run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume)
+    extra = {} if args.seeds is None else {"seeds": args.seeds}
+    run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume, **extra)
     folder = results_dir(args.suite, args.out)
     reports = sorted(p.name for p in folder.glob("*.md"))
     print(f"{args.suite}: results in {folder}" + (f" ({', '.join(reports)})" if reports else ""))

@@ -8,6 +8,7 @@ the suite name to its module, imported only when the suite runs.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from ..utils.errors import MTPruneInputError
 
@@ -42,4 +43,6 @@ def run_suite(name: str, **kw) -> dict:
         raise MTPruneInputError(f"unknown benchmark suite {name!r}; known: {', '.join(SUITES)}")
     module = importlib.import_module(f"{__name__}.{SUITES[name]}")
     runner = getattr(module, f"run_{name}", None) or module.run
+    if "seeds" in kw and "seeds" not in inspect.signature(runner).parameters:
+        raise MTPruneInputError(f"bench {name}: this suite has no --seeds option")
     return runner(**kw)
