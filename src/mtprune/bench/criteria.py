@@ -128,12 +128,14 @@ class _Setup(SuiteData):
         params, macs = count(model, self.x)
         return {"metrics": self.evaluate(model), "params": params, "macs": macs}
 
-    def stats_data(self):
+    def stats_data(self, epoch: int = 0):
+        """The statistics batches of a pruning decision: the training scenes of ``epoch`` (0: the stored pool,
+        whichever entry ran before, so entries are resumable; another epoch: as many fresh, disjoint scenes)."""
         from torch.utils.data import DataLoader
 
         from ..engine.batch import collate
 
-        set_data_epoch(self.train_set, 0)  # the stored pool, whichever entry ran before (resumable)
+        set_data_epoch(self.train_set, epoch)
         return DataLoader(self.train_set, batch_size=STATS_BATCH_SIZE, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
@@ -192,11 +194,16 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     }
 
 
+SPLIT_HALF_VERSION = 2  # 2: two disjoint sets of STATS_BATCHES each (1: the STATS_BATCHES halved)
+
+
 def _split_half(setup: _Setup, criterion: str) -> dict:
-    """The split-half rank correlation of ``criterion``'s scores on the seed's dense model (all layers), from
-    the same ``STATS_BATCHES`` batches a pruning decision uses, halved."""
+    """The split-half rank correlation of ``criterion``'s scores on the seed's dense model (all layers): its scores
+    from the ``STATS_BATCHES`` batches a pruning decision uses (the stored pool) against its scores from as many
+    fresh, disjoint scenes, i.e. the agreement of two independent decisions of the size the suite makes."""
     model = load_model(setup.dense_path, base=setup.fresh())
-    batches = list(itertools.islice(setup.stats_data(), STATS_BATCHES))
+    batches = [b for epoch in (0, 1) for b in itertools.islice(setup.stats_data(epoch), STATS_BATCHES)]
+    set_data_epoch(setup.train_set, 0)
     out = split_half_rank_corr(model, setup.x, criterion, batches, setup.tasks, seed=setup.cfg.seed)
     return {"kind": "split_half", "seed": setup.cfg.seed, **out}
 
@@ -243,7 +250,8 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
             dense[seed] = setup.dense(resume, dense_fp)
         for crit in gradient_criteria(methods):
             halves.append(entries.get(f"split_half_{crit}_s{seed}", lambda s=setup, c=crit: _split_half(s, c),
-                                      fingerprint(*base, STATS_BATCHES, STATS_BATCH_SIZE, crit)))
+                                      fingerprint(*base, STATS_BATCHES, STATS_BATCH_SIZE, crit,
+                                                  SPLIT_HALF_VERSION)))
         rows.append(entries.get(f"dense_finetuned_s{seed}", lambda s=setup: _run_method(
             s, DENSE_FT, 1.0, ft_epochs, runs / f"dense_finetuned_s{s.cfg.seed}"),
             fingerprint(*base, ft_epochs, FT_LR_FACTOR)))
@@ -404,7 +412,8 @@ def markdown(r: dict) -> str:
     if r.get("split_half"):
         lines += ["", "## Stability of the gradient criteria's scores", "",
                   "Split-half rank correlation: each criterion's per-channel scores on the dense model from two "
-                  f"disjoint halves of the statistics data ({r['split_half'][0]['batches_per_half']} batches each), "
+                  f"disjoint sets of statistics data ({r['split_half'][0]['batches_per_half']} batches each, the "
+                  "size of one pruning decision), "
                   "Spearman ρ within every channel group, median over groups; one value per seed.", "",
                   "| criterion | ρ per seed | median |", "|---|---|---|"]
         for crit in dict.fromkeys(e["criterion"] for e in r["split_half"]):

@@ -225,11 +225,14 @@ def write_results(out: Path, result: dict) -> None:
     _save(fig, out / "delta_m.png")
 
 
-def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False, **_) -> dict:
-    """``mtprune bench disparse2022``: the suite at ``scale``; finished run directories are always skipped."""
+def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
+        seeds: tuple[int, ...] | None = None, **_) -> dict:
+    """``mtprune bench disparse2022``: the suite at ``scale`` (``seeds``: a subset of its seeds); finished run
+    directories are always skipped."""
     if scale not in SCALES:
         raise MTPruneInputError(f"{SUITE}: scale must be one of {sorted(SCALES)}, got {scale!r}")
     argv = ["--threads", str(threads or 1), "--scale", scale] + (["--out", str(out)] if out else [])
+    argv += ["--seeds", ",".join(str(s) for s in seeds)] if seeds else []
     main(argv)
     return {"suite": SUITE, "scale": scale}
 

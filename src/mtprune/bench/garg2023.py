@@ -167,14 +167,16 @@ def _scratch(setup: _Setup, criterion: str, point: dict, dense: dict, resume: bo
             "iterative": {k: point[k] for k in ("params", "metrics", "delta_m", "epochs")}}
 
 
-def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False, **_) -> dict:
-    """Run the suite; writes ``results.json``, ``results.md`` and the figures under ``benchmarks/results/garg2023``."""
+def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
+        seeds: tuple[int, ...] | None = None, **_) -> dict:
+    """Run the suite; writes ``results.json``, ``results.md`` and the figures under ``benchmarks/results/garg2023``.
+    ``seeds`` runs a subset of the scale's seeds (a final ``resume`` run without it gathers them)."""
     if scale not in SCALES:
         raise MTPruneInputError(f"garg2023: scale must be one of {sorted(SCALES)}, got {scale!r}")
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    plan = SCALES[scale]
+    plan = SCALES[scale] if not seeds else {**SCALES[scale], "seeds": tuple(seeds)}
     folder = results_dir("garg2023", out)
     entries = Entries(folder, resume=resume)
     dense, trajectories, scratch = {}, {c: [] for c in CRITERIA}, []
