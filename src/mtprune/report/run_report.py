@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .markdown import model_table, write_report
@@ -17,6 +18,40 @@ def _subset_table(rows: list[dict]) -> str:
     return "MMACs per sample to run each subset of tasks (only the heads needed):\n\n" + "\n".join(lines)
 
 
+def _epoch_scores(path: Path) -> list[float]:
+    """The per-epoch validation scores of a training run's ``metrics.jsonl`` (empty when absent or damaged)."""
+    try:
+        return [float(json.loads(line)["score"]) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def above_dense_note(run_dir: Path, rows: list[dict]) -> str | None:
+    """Why a pruned model can score above the dense one: the fine-tuning epochs after each pruning step are
+    training the dense model never got, and when the dense model was still improving at its end, that extra
+    training, not pruning, lifts Δm. ``None`` when no pruned row is above dense."""
+    above = [r for r in rows if r["name"] not in ("dense", "untrained") and (r.get("delta_m") or 0.0) > 0.0]
+    if not above:
+        return None
+    dense = _epoch_scores(run_dir / "dense" / "metrics.jsonl")
+    extra = sum(len(_epoch_scores(p)) for p in sorted((run_dir / "prune").rglob("metrics.jsonl")))
+    best = max(above, key=lambda r: r["delta_m"])
+    text = (f"The {best['name']} model scores above the dense one (Δm {best['delta_m']:+.2f} %). That is no "
+            "evidence that pruning helps: ")
+    if extra:
+        text += f"its {extra} fine-tuning epochs are training the dense model never got"
+    else:
+        text += "its training differs from the dense model's"
+    if len(dense) >= 4:
+        q = len(dense) - max(1, len(dense) // 4)
+        rise = dense[-1] - max(dense[:q])
+        if rise > 0:
+            text += (f", and the dense model was still improving when its {len(dense)} epochs ended (its validation "
+                     f"score rose by {rise:.2f} over the last {len(dense) - q} epochs), so it is not at a plateau")
+    return (text + ". Train the dense model longer, or compare against the dense model fine-tuned for the same "
+            "epochs (the control of `mtprune bench criteria`), before reading this row as a gain.")
+
+
 def write_run_report(run_dir: str | Path, summary: dict) -> Path:
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
@@ -27,6 +62,9 @@ def write_run_report(run_dir: str | Path, summary: dict) -> Path:
                  "Δm is against the dense model (Maninis et al. 2019), in percent; higher is better. "
                  f"Latency: median of repeated forwards, batch {rows[0]['setting'].get('batch_size')}, "
                  f"{rows[0]['setting'].get('threads')} threads on {rows[0]['setting'].get('device')}.")]
+    note = above_dense_note(run_dir, rows)
+    if note:
+        sections.append(("Reading the table", note))
     sections.append(("Cost per task subset", _subset_table(rows)))
     points = [{"label": f"{summary['schedule']} ({summary['criterion']})", "macs": r["macs"], "metrics": r["metrics"]}
               for r in summary["trajectory"]]
