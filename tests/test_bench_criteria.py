@@ -141,6 +141,11 @@ def test_quick_suite_runs_every_stage(tmp_path, env):
     stored_cred = json.loads((reference / "criteria" / "credibility.json").read_text())
     assert stored_cred == json.loads(json.dumps(credibility(*read_entries(reference / "criteria"))))
     assert set(stored_cred["score_split_half_rank_corr"]) == {"taylor"} and stored_cred["seeds_min"] == 1
+    # the dense reference is settled by one cycle of the suite's fine-tuning after its own training
+    dense_entry = json.loads((reference / "criteria" / "entries" / "dense_s0.json").read_text())
+    assert set(dense_entry["settle_task_delta"]) == set(dense_entry["metrics"]) != set()
+    assert dense_entry["trained_metrics"] != dense_entry["metrics"]
+    assert (reference / "criteria" / "runs" / "dense_s0" / "trained.mtp").is_file()
     stored = json.loads((reference / "results.json").read_text())
     assert stored["seconds"]["criteria"] > 0
     # resuming reuses every finished entry: the summary is identical and nothing retrains
