@@ -166,6 +166,19 @@ class _Setup(SuiteData):
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
 
+def settled_dense(entries: Entries, setup: _Setup, resume: bool, ft_epochs: int) -> tuple[dict, tuple]:
+    """The seed's settled dense model (trained once, resumable) and its entry; returns (entry, base), ``base``
+    being the settings every entry resting on that model fingerprints."""
+    base = (SUITE_VERSION, setup.cfg.model_dump(mode="json"))
+    trained_fp = fingerprint(*base)  # the dense training's checkpoints
+    base = (*base, "settled", ft_epochs, FT_LR_FACTOR)
+    seed = setup.cfg.seed
+    entry = entries.get(f"dense_s{seed}", lambda: setup.dense(resume, trained_fp, ft_epochs), fingerprint(*base))
+    if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
+        entry = setup.dense(resume, trained_fp, ft_epochs)
+    return entry, base
+
+
 def _tp_to_macs(model: nn.Module, x: torch.Tensor, target: float) -> float:
     """Prune ``model`` with the Torch-Pruning baseline at the channel ratio that keeps ``target`` of its MACs."""
     _, macs0 = count(model, x)
@@ -268,13 +281,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
     rows, dense, halves = [], {}, []
     for seed in seeds:
         setup = _Setup(_config(scale, seed), runs)
-        base = (SUITE_VERSION, setup.cfg.model_dump(mode="json"))
-        trained_fp = fingerprint(*base)  # the dense training's checkpoints
-        base = (*base, "settled", ft_epochs, FT_LR_FACTOR)  # every entry rests on the settled dense model
-        dense[seed] = entries.get(f"dense_s{seed}", lambda s=setup, f=trained_fp: s.dense(resume, f, ft_epochs),
-                                  fingerprint(*base))
-        if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
-            dense[seed] = setup.dense(resume, trained_fp, ft_epochs)
+        dense[seed], base = settled_dense(entries, setup, resume, ft_epochs)
         for crit in gradient_criteria(methods):
             halves.append(entries.get(f"split_half_{crit}_s{seed}", lambda s=setup, c=crit: _split_half(s, c),
                                       fingerprint(*base, STATS_BATCHES, STATS_BATCH_SIZE, crit,
