@@ -128,6 +128,16 @@ def test_presence_entries_in_both_suites(suites):
     pam_run = json.loads((out / "pam" / "entries" / "presence_lenet_s0.json").read_text())["summary"]
     assert {k: v["macs"] for k, v in pam_run["pam_deploy"].items()} == {r["subset"]: r["pam_macs"]
                                                                         for r in pam_run["table"]}
+    # the pam digest states the verdict on issue 16's targets and the ladder PAM walked
+    entry = json.loads((out / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    digests = {"s0": {**M._pam_digest(entry), "seed": 0}}
+    pam = M.presence_digest(digests)
+    ladder = pam["per_seed"]["s0"]["pam_ladder"]
+    assert [st["fraction"] for st in ladder] == [st["fraction"] for st in pam_run["budgets"]["pam"]["steps"]]
+    assert pam["targets_met"] == (pam["within_budget"] and pam["no_merge_over_pam_all_tasks"] >= 1.16
+                                  and pam["no_merge_over_pam_single_task_min"] >= 1.0)
+    text = "\n".join(M._render_presence({**pam, "runs": digests}))
+    assert "Issue 16's targets" in text and ("**met**" if pam["targets_met"] else "**not met**") in text
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -38,9 +38,17 @@ def _run(acc_of_macs, drop=2.0, candidates=6):
 
 def test_candidates_are_the_front_sorted_by_macs():
     assert budget_candidates(_front(), 6) == [1, 3, 2, 5, 4, 0]
-    assert budget_candidates(_front(), 2) == [1, 0]  # the cheapest and the dearest
+    assert budget_candidates(_front(), 2) == [2, 0]  # strata [0.2, 0.35, 0.5] and [0.6, 0.7, 0.9]: least loss
     with pytest.raises(MTPruneInputError, match="candidates"):
         budget_candidates(_front(), 0)
+
+
+def test_each_stratum_offers_its_point_whose_worst_task_loses_least():
+    # the dearest point (MACs 0.46) gives task a up; in its stratum, 0.44 keeps both tasks within 0.19
+    F = np.array([[0.34, 0.34, 0.10, 0.0], [0.35, 0.12, 0.46, 0.2], [0.19, 0.19, 0.44, 0.1],
+                  [0.30, 0.30, 0.12, 0.0], [0.19, 0.19, 0.45, 0.1], [0.40, 0.40, 0.08, 0.0]])
+    front = ParetoFront(np.zeros((6, 3)), F, ["loss_a", "loss_b", "macs", "dissimilarity"], 0.0, {}, [])
+    assert budget_candidates(front, 2) == [3, 2]  # strata [5, 0, 3] and [2, 4, 1]; ties go to the cheaper point
 
 
 def test_the_cheapest_point_within_the_budget_is_chosen():
