@@ -42,8 +42,10 @@ with the reason in :attr:`PruningGraph.skipped`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mtprune.measure import LayerRecord, recording_layers
 from mtprune.models.validate import check_multitask_output
 from mtprune.pruning import attention
 from mtprune.utils.errors import MTPruneInputError
@@ -152,23 +155,89 @@ def _map_problems(dg: tp.DependencyGraph, modules: Mapping[str, nn.Module], chan
                 continue
             width = dg.get_out_channels(module) if side == "output" else dg.get_in_channels(module)
             pairs = set(zip(roots, locs, strict=True))
-            if any(not 0 <= r < channels for r, _ in pairs):
+            if pairs and (min(roots) < 0 or max(roots) >= channels):
                 problems.append(f"its channel map of {name} points past the group's {channels} channels")
-            elif width is not None and any(not 0 <= loc < width for _, loc in pairs):
-                worst = max(loc for _, loc in pairs)
+            elif pairs and width is not None and (min(locs) < 0 or max(locs) >= width):
+                worst = max(locs)
                 problems.append(f"it maps channel {worst} of {name}, which has only {width} {side} channels")
-            elif len({loc for _, loc in pairs}) < len(pairs):  # some layer channel belongs to two group channels
+            elif len(set(locs)) < len(pairs):  # some layer channel belongs to two group channels
                 problems.append(f"several of its channels map onto one {side} channel of {name} (a view or "
                                 "reshape that folds channels together), so removing one channel would remove others")
-            elif side == "output" and len({r for r, _ in pairs}) < len(pairs):
+            elif side == "output" and len(set(roots)) < len(pairs):
                 problems.append(f"one of its channels maps onto several output channels of {name}")
     return problems
+
+
+def _flattened_concat_width(dg: tp.DependencyGraph, node: Any) -> int | None:
+    """The channels of a ``cat(dim=1)`` read only by ``flatten → Linear``-like consumers, or None if not such a one.
+
+    Checked on the traced shapes (so only on a freshly traced graph): every reader of the concat is a reshape
+    whose input is ``(N, C, *spatial)`` with ``C`` = the sum of the concat's inputs and whose readers take
+    ``C·Πspatial`` features (a flatten, each channel one contiguous block), or reads exactly ``C`` channels.
+    """
+    from torch_pruning.dependency import shape_infer
+
+    sizes = node.module.concat_sizes
+    if getattr(node.grad_fn, "_saved_dim", None) != 1 or not sizes or any(not isinstance(c, int) for c in sizes):
+        return None
+    width, flattened = sum(sizes), False
+    for out in node.outputs:
+        shape = getattr(out.grad_fn, "_saved_self_sym_sizes", None)
+        if out.type == _optype("RESHAPE") and shape is not None and len(shape) >= 3:
+            feats = [shape_infer.infer_in_channels_recursively(dg, o, [0]) for o in out.outputs]
+            per_channel = int(torch.Size(shape[2:]).numel())
+            if int(shape[1]) != width or not feats or any(f != width * per_channel for f in feats):
+                return None
+            flattened = True
+        elif out.type == _optype("RESHAPE") or shape_infer.infer_in_channels_recursively(dg, out, [0]) != width:
+            return None
+    return width if flattened else None
+
+
+def _dependency_graph() -> tp.DependencyGraph:
+    """Torch-Pruning's DependencyGraph, knowing the width of a channel concatenation that is flattened.
+
+    Torch-Pruning 1.6.1 infers a concat's output channels from its readers; after ``cat(dim=1) → flatten → Linear``
+    that gives the Linear's ``C·h·w`` input features, not ``C``, so it takes the concat for one along another
+    dimension and sets no offsets: channel i of every input is then coupled with channel i of every other input
+    (wrong groups; pruning breaks the forward). Here such a concat, once :func:`_flattened_concat_width` confirms
+    it on the traced shapes, reports ``C`` = the sum of its (current) input widths, so Torch-Pruning computes the
+    concat offsets and the flatten's ``h*w`` blocks itself. Every other node keeps Torch-Pruning's inference.
+    """
+    import torch_pruning as tp  # imported lazily: it pulls in timm/torchvision when they are installed
+
+    class Graph(tp.DependencyGraph):
+        def __init__(self) -> None:
+            super().__init__()
+            self._flat_concats: dict[Any, bool] = {}  # concat node -> confirmed on the traced shapes
+
+        def get_in_channels(self, module_or_node: Any) -> int | None:
+            ch = super().get_in_channels(module_or_node)
+            node = module_or_node if isinstance(module_or_node, tp.Node) else self.module2node.get(module_or_node)
+            if ch is not None or node is None or node.type != _optype("CONCAT"):
+                return ch
+            if node not in self._flat_concats:
+                if node.module.concat_sizes is None:
+                    return None  # asked before Torch-Pruning sized the concat: decide later, on the same shapes
+                self._flat_concats[node] = _flattened_concat_width(self, node) is not None
+            if not self._flat_concats[node] or any(not isinstance(c, int) for c in node.module.concat_sizes):
+                return None
+            return sum(node.module.concat_sizes)  # kept current by Torch-Pruning's ConcatPruner while pruning
+
+    return Graph()
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Each module's attributes, with its parameter/buffer dicts copied: Torch-Pruning assigns new Parameter and
     buffer objects and new widths, never edits tensors in place, so restoring these undoes a pruning step."""
-    return [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()}) for m in model.modules()]
+    return [(m, {k: (_copy_dict(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+            for m in model.modules()]
+
+
+def _copy_dict(d: dict) -> dict:
+    """``copy.copy(d)``; a dict's or OrderedDict's own ``copy()`` (the same shallow copy, without the pickling
+    protocol ``copy.copy`` takes for an OrderedDict)."""
+    return d.copy() if type(d) in (dict, OrderedDict) else copy.copy(d)
 
 
 def _restore(snapshot: list[tuple[nn.Module, dict[str, Any]]]) -> None:
@@ -217,6 +286,9 @@ class PruningGraph:
             matching prefix wins). Without a match, ``heads.<task>.…`` gives ``<task>`` when ``model.heads`` is
             an ``nn.ModuleDict`` (``MultiTaskModel``); anything else is ``"backbone"``.
         min_channels: no group may be pruned below this width.
+        record_layers: also count every layer's MACs and shapes in the traced forward, as :attr:`layer_record`
+            (``measure.recording_layers``), so that a ``CostModel`` of the model as traced needs no forward of its
+            own (the re-trace after :meth:`prune` records nothing).
 
     After :meth:`prune`, the Parameter objects of pruned layers are new: rebuild optimizers.
     """
@@ -229,6 +301,7 @@ class PruningGraph:
         protected: Iterable[str] = (),
         parts: Mapping[str, str] | None = None,
         min_channels: int = 1,
+        record_layers: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MTPruneInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -243,8 +316,11 @@ class PruningGraph:
             _resolve_names(model, self._parts.keys(), "parts")
         self.groups: list[ChannelGroup] = []
         self.protected: list[str] = []
+        self._record_layers = record_layers
+        self.layer_record: LayerRecord | None = None
         attention.refuse_unsupported(model)  # window attention (Swin, MaxViT): one line, before any tracing
         self._build()
+        self._record_layers = False
 
     # ------------------------------------------------------------------ tracing
     def _trace(self) -> tuple[tp.DependencyGraph, set[Any]]:
@@ -264,8 +340,11 @@ class PruningGraph:
 
         def forward_fn(m: nn.Module, inputs: Any) -> Any:
             index_hooks = [mod.register_forward_hook(note_index_op) for mod in m.modules() if _index_coupled(m, mod)]
+            counting = recording_layers(m, inputs) if self._record_layers else contextlib.nullcontext({})
             try:
-                out = _call(m, inputs)
+                with counting as counted:
+                    out = _call(m, inputs)
+                self.layer_record = counted.get("record")
             finally:
                 for h in index_hooks:
                     h.remove()
@@ -277,14 +356,12 @@ class PruningGraph:
             holder["out"] = out
             return out
 
-        import torch_pruning as tp  # imported lazily: it pulls in timm/torchvision when they are installed
-
         try:
             for p in grads:
                 p.requires_grad_(True)  # frozen layers must show up in autograd to be traced
             with torch.enable_grad():
                 try:
-                    dg = tp.DependencyGraph().build_dependency(
+                    dg = _dependency_graph().build_dependency(
                         model, self.example_inputs, forward_fn=forward_fn, verbose=False
                     )
                 except Exception as err:  # noqa: BLE001
@@ -478,9 +555,10 @@ class PruningGraph:
         producers = [root] + [n for n in producers if n != root]
         norms = by_order(n for n in out_maps if not _is_layer(self._modules[n]))
         consumers = by_order(in_maps)
+        maps = {n: sorted_map(out_maps[n]) for n in producers + norms}  # sorted, unique: equal iff the sets are
         for p in producers:  # a layer and its own norm hold the same channels
             gate = self._gates(dg, [p], set(norms), names)[0]
-            if gate != p and set(zip(*out_maps[p], strict=True)) != set(zip(*out_maps[gate], strict=True)):
+            if gate != p and maps[p] != maps[gate]:
                 unsafe.append(f"{p} and its norm {gate} map to different channels of the group (one channel reached "
                               "by two paths, e.g. concatenated with a depthwise copy of itself)")
         return {
@@ -491,7 +569,7 @@ class PruningGraph:
             "norms": norms,
             "gates": self._gates(dg, producers, set(norms), names),
             "part": self._group_part(producers),
-            "out_maps": {n: sorted_map(out_maps[n]) for n in producers + norms},
+            "out_maps": maps,
             "in_maps": {n: sorted_map(in_maps[n]) for n in consumers},
             "out_modules": out_modules,
             "reaches_output": reaches_output,
