@@ -26,13 +26,14 @@ import inspect
 import itertools
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .models.validate import check_multitask_output
@@ -79,12 +80,7 @@ class _Counter(flop_counter.FlopCounterMode):
         formula = self.flop_registry.get(func_packet)
         if formula is not None:
             flops = int(formula(*args, **kwargs, out_val=out))
-            owner = None
-            for a in tree_flatten((args, kwargs))[0]:
-                if isinstance(a, Tensor) and a.numel():
-                    owner = self.owners.get(a.untyped_storage().data_ptr())
-                    if owner is not None:
-                        break
+            owner = _owner_of(self.owners, args, kwargs)
             first = next((t for t in tree_flatten(out)[0] if isinstance(t, Tensor)), None)
             found = (first, first._version) if first is not None else None  # autograd adds its node later
             self.calls.append(OpCall(owner if owner is not None else self.stack[-1], str(func_packet.__name__),
@@ -93,16 +89,160 @@ class _Counter(flop_counter.FlopCounterMode):
         return out
 
 
-def count_calls(model: nn.Module, example_inputs: Any) -> tuple[list[OpCall], dict[str, Tensor]]:
-    """Every counted call of one eval-mode forward on the first sample, and the model's outputs (with autograd
-    graph). The model is left as found (modes, ``requires_grad``)."""
-    names = {}
+def _owner_of(owners: Mapping[int, str], args: Any, kwargs: Any) -> str | None:
+    """The module owning the first operand of a call that is (a view of) one of its parameters (operands in
+    ``tree_flatten`` order: depth first, left to right)."""
+    return _first_owner(owners, (args, kwargs))
+
+
+def _first_owner(owners: Mapping[int, str], tree: Any) -> str | None:
+    if isinstance(tree, Tensor):
+        return owners.get(tree.untyped_storage().data_ptr()) if tree.numel() else None
+    if isinstance(tree, Mapping):
+        tree = tree.values()
+    elif not isinstance(tree, list | tuple):
+        return None
+    for a in tree:
+        owner = _first_owner(owners, a)
+        if owner is not None:
+            return owner
+    return None
+
+
+class _LeanCounter(TorchDispatchMode):
+    """MACs by module of every call ``FlopCounterMode`` counts, with its formulas and its rule for operators
+    without one (decomposed when they can be, their parts counted), but without its module tracking: a call is
+    given to the module owning one of its operands (:func:`_owner_of`); ``weighted`` turns False at the first call
+    that uses no parameter (attention matmuls), whose module only :func:`count_calls`'s hooks can tell."""
+
+    _registry: dict | None = None
+    _decomposable: dict = {}  # operator -> whether it has a CompositeImplicitAutograd kernel
+
+    def __init__(self, owners: Mapping[int, str]) -> None:
+        super().__init__()
+        if _LeanCounter._registry is None:
+            _LeanCounter._registry = {k: _raw_formula(f) for k, f in flop_counter.FlopCounterMode(
+                display=False, custom_mapping=_extra_formulas()).flop_registry.items()}
+        self.owners, self.macs, self.weighted = owners, {}, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (the mode's hook)
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            self.weighted = False  # control flow, flex attention: not costed here (the exact count runs)
+            return NotImplemented
+        decomposable = self._decomposable.get(func)
+        if decomposable is None:
+            decomposable = self._decomposable[func] = func is not torch.ops.prim.device.default and \
+                torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _IMPLICIT)
+        if decomposable:  # as FlopCounterMode: its parts are counted
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = self._registry.get(func._overloadpacket)
+        if formula is not None:
+            owner = _owner_of(self.owners, args, kwargs)
+            self.weighted = self.weighted and owner is not None
+            key = owner if owner is not None else ""
+            raw, shapes = formula
+            flops = raw(*_shapes(args), **_shapes(kwargs), out_shape=_shapes(out)) if shapes else \
+                raw(*args, **kwargs, out_val=out)
+            self.macs[key] = self.macs.get(key, 0) + int(flops) // 2
+        return out
+
+
+_SHAPE_WRAPPER = flop_counter.shape_wrapper(lambda: 0).__code__
+_IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _raw_formula(formula: Any) -> tuple[Any, bool]:
+    """(the formula, whether it takes shapes): a formula that ``shape_wrapper`` wraps is called on shapes directly
+    (:func:`_shapes`, what the wrapper passes it, without its pytree walk)."""
+    raw = getattr(formula, "__wrapped__", None)
+    if raw is not None and getattr(formula, "__code__", None) is _SHAPE_WRAPPER:
+        return raw, True
+    return formula, False
+
+
+def _shapes(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by its shape (``flop_counter.get_shape`` over lists, tuples, dicts)."""
+    if isinstance(tree, Tensor):
+        return tree.shape
+    if isinstance(tree, list | tuple):
+        items = [_shapes(a) for a in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)  # a named tuple: by position
+    if isinstance(tree, dict):
+        return {k: _shapes(v) for k, v in tree.items()}
+    return tree
+
+
+def _owners(model: nn.Module) -> tuple[dict[nn.Module, str], dict[int, str]]:
+    """Each module's (first) name, and the storage of every parameter -> the name of the module owning it."""
+    names: dict[nn.Module, str] = {}
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
         names.setdefault(module, name)
         for p in module.parameters(recurse=False):
             if p.numel():
                 owners.setdefault(p.untyped_storage().data_ptr(), names[module])
+    return names, owners
+
+
+@dataclass
+class LayerRecord:
+    """What :func:`recording_layers` saw in one forward: MACs by module name (counted by :func:`layer_macs`'s
+    formulas), each conv/linear layer's first input and output shape (per sample), and what it was run on."""
+
+    macs: dict[str, int]
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    weighted: bool  # every counted call multiplied by a module's own parameter (no attention matmuls)
+    input_shapes: list[tuple[int, ...]]
+    params: tuple[tuple[str, tuple[int, ...]], ...]  # the model's parameter shapes when it ran
+
+    def describes(self, model: nn.Module, example_inputs: Any) -> bool:
+        """Whether these are exactly the per-sample MACs :func:`layer_macs` gives for ``model`` (as it is now) on
+        ``example_inputs``: every call used a module's own weight (so the stack of modules plays no part), the
+        record was taken at batch 1 on inputs of the same shapes, and no parameter changed shape since."""
+        shapes = [tuple(t.shape) for t in leaves(first_samples(example_inputs))]
+        return self.weighted and shapes == self.input_shapes and self.params == _param_shapes(model)
+
+
+def _param_shapes(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+@contextlib.contextmanager
+def recording_layers(model: nn.Module, example_inputs: Any) -> Iterator[dict[str, LayerRecord]]:
+    """Count the MACs of a forward of ``model`` on ``example_inputs`` run inside this context (e.g. the forward
+    Torch-Pruning traces, so that pruning needs no forward of its own to cost layers): yields a dict whose
+    ``"record"`` is the :class:`LayerRecord` once the context exits without error. The caller sets the mode,
+    autograd and ``requires_grad`` as :func:`count_calls` does (eval, enabled, every parameter requiring grad)."""
+    _, owners = _owners(model)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                if name not in shapes and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    shapes[name] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]))
+            hooks.append(module.register_forward_hook(hook))
+    counter = _LeanCounter(owners)
+    holder: dict[str, LayerRecord] = {}
+    try:
+        with counter:
+            yield holder
+    finally:
+        for h in hooks:
+            h.remove()
+    holder["record"] = LayerRecord(counter.macs, shapes, counter.weighted,
+                                   [tuple(t.shape) for t in leaves(example_inputs)], _param_shapes(model))
+
+
+def count_calls(model: nn.Module, example_inputs: Any) -> tuple[list[OpCall], dict[str, Tensor]]:
+    """Every counted call of one eval-mode forward on the first sample, and the model's outputs (with autograd
+    graph). The model is left as found (modes, ``requires_grad``)."""
+    names, owners = _owners(model)
     stack = [""]
 
     def enter(module: nn.Module, args: Any) -> None:

@@ -4,19 +4,26 @@
    MACs t (``l1``, global ranking), mtprune at latency t (``target_latency=t``: a latency table measured on the
    benchmark's device, threads and batch, widths rounded to the device's channel blocking, ``round_to="auto"``),
    and Torch-Pruning's ``MetaPruner`` (magnitude, one uniform channel ratio found by bisection so that its MACs
-   match t). The four forwards are timed in rotation, one run each per round, so that load drift hits all alike;
-   the table gives each one's minimum and the median per-round speed-up over dense. **Fidelity** is speed-up ×
-   MACs kept (1.0: latency falls exactly as MACs do). The latency row also says whether the measured latency
-   ratio lies within 5 % of t.
+   match t). The four forwards are timed in rotation by ``latency.interleaved_times`` (the timing function of the
+   latency targets' feedback loop too), so that load drift hits all alike; the table gives each one's minimum and
+   the median per-round speed-up over dense. **Fidelity** is speed-up × MACs kept (1.0: latency falls exactly as
+   MACs do). The latency row also says whether the measured latency ratio (median per-round ratio to dense, as
+   the feedback loop computes it) lies within 5 % of t; a target below the model's latency floor is refused.
 6. **Time to prune.** ``mtprune.prune`` (``l1``, ``target_macs``) against Torch-Pruning's ``MetaPruner``
    (``GroupMagnitudeImportance``, uniform ratio ``1 - sqrt(t)``, which keeps about t of the MACs) on torchvision
-   classifiers with two task heads, wall time of each call on the same input; finding the protected predictors
-   for Torch-Pruning is not timed.
+   classifiers with two task heads, wall time of each call on the same input, from the same dense weights. Both
+   calls do their whole job: tracing the dependency graph, scoring, choosing and removing channels. mtprune's
+   call also bisects its removal fraction to the exact MACs target, validates every group before removing it and
+   re-traces the pruned model (its rollback check); Torch-Pruning's call is one pass at a ratio fixed in advance
+   (its MACs land near, not on, t). The predictors that Torch-Pruning is told to ignore are found before timing
+   (its user names them). ``prune_repeats`` rounds, each on fresh copies, alternate which side runs first, after a
+   garbage collection; the table gives each side's median.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import statistics
 import time
@@ -26,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..measure import measure_latency
 from ..pruning.graph import PruningGraph, torch_pruning_magnitude
+from ..pruning.latency import interleaved_times, median_ratios
 from ..pruning.prune import count, prune
+from ..utils.errors import MTPruneInputError
 
 PRUNE_TIME_MODELS = ("densenet121", "resnet50", "efficientnet_b0")
 VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
@@ -45,10 +53,11 @@ class Compare:
     prune_targets: tuple[float, ...]
     models: tuple[str, ...] | None = None  # labels of the suite's models compared side by side (None: all)
     tp_trials: int = 8  # bisection steps for Torch-Pruning's channel ratio
+    prune_repeats: int = 3  # rounds of the time-to-prune comparison (median)
 
 
 COMPARE = {
-    "small": Compare((0.5,), 2, 1, 0, ("resnet18",), 32, (0.5,), ("MobileNetV2 + DeepLab-v3 ASPP",), 4),
+    "small": Compare((0.5,), 2, 1, 0, ("resnet18",), 32, (0.5,), ("MobileNetV2 + DeepLab-v3 ASPP",), 4, 1),
     "cpu": Compare((0.5, 0.25, 0.1), 6, 5, 2, PRUNE_TIME_MODELS, 224, (0.5,)),
     "gpu": Compare((0.5, 0.25, 0.1), 6, 10, 3, PRUNE_TIME_MODELS, 224, (0.5,)),
 }
@@ -76,25 +85,32 @@ class TwoHeads(nn.Module):
         return {k: head(f) for k, head in self.heads.items()}
 
 
-def prune_time_entry(name: str, size: int, target: float, seed: int = 0) -> dict:
-    """Wall time of ``mtprune.prune`` and of Torch-Pruning's MetaPruner on the same model and target."""
+def prune_time_entry(name: str, size: int, target: float, seed: int = 0, repeats: int = 1) -> dict:
+    """Wall time of ``mtprune.prune`` and of Torch-Pruning's MetaPruner on the same model and target (module
+    docstring, section 6): the median of ``repeats`` rounds, each on fresh copies of one dense model."""
     x = torch.zeros(1, 3, size, size)
     torch.manual_seed(seed)
-    mine = TwoHeads(name).eval()
-    theirs = copy.deepcopy(mine)
-    protected = PruningGraph(theirs, x).protected  # not timed; also imports Torch-Pruning before either is timed
-    macs0 = count(theirs, x)[1]
-    t0 = time.perf_counter()
-    report = prune(mine, x, "l1", target_macs=target)
-    t_mine = time.perf_counter() - t0
+    dense = TwoHeads(name).eval()
+    protected = PruningGraph(dense, x).protected  # not timed; also imports Torch-Pruning before either is timed
+    macs0 = count(dense, x)[1]
     ratio = 1 - math.sqrt(target)
-    t0 = time.perf_counter()
-    torch_pruning_magnitude(theirs, x, ratio, protected=protected)
-    t_theirs = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"mine": [], "theirs": []}
+    for r in range(repeats):
+        mine, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
+        for side in ("mine", "theirs") if r % 2 == 0 else ("theirs", "mine"):
+            gc.collect()
+            t0 = time.perf_counter()
+            if side == "mine":
+                report = prune(mine, x, "l1", target_macs=target)
+            else:
+                torch_pruning_magnitude(theirs, x, ratio, protected=protected)
+            times[side].append(time.perf_counter() - t0)
+    t_mine, t_theirs = statistics.median(times["mine"]), statistics.median(times["theirs"])
     return {"model": name, "input": [3, size, size], "target_macs": target, "mtprune_s": t_mine,
             "torch_pruning_s": t_theirs, "ratio": t_mine / t_theirs, "within_2x": t_mine <= 2 * t_theirs,
             "mtprune_macs_ratio": report.macs_ratio, "torch_pruning_macs_ratio": count(theirs, x)[1] / macs0,
-            "torch_pruning_ratio": ratio}
+            "torch_pruning_ratio": ratio, "repeats": repeats, "mtprune_runs_s": times["mine"],
+            "torch_pruning_runs_s": times["theirs"], "threads": torch.get_num_threads()}
 
 
 def _tp_at_macs(dense: nn.Module, x1: Tensor, target: float, trials: int = 8) -> tuple[nn.Module, float]:
@@ -114,14 +130,6 @@ def _tp_at_macs(dense: nn.Module, x1: Tensor, target: float, trials: int = 8) ->
     return best[1], best[2]
 
 
-def _rotating(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(measure_latency(fn, warmup=1, repeats=1, device=device))
-    return times
-
-
 def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], batch: int, repeats: int,
                        tolerance: float, min_channels: int, device: torch.device, threads: int, cmp: Compare,
                        table_dir: Path) -> dict:
@@ -135,27 +143,37 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
                "grid": cmp.table_grid, "repeats": cmp.table_repeats, "warmup": cmp.table_warmup,
                "cache_dir": str(table_dir)}
     t0 = time.perf_counter()
-    r_lat = prune(at_latency, x1, "l1", target_latency=target, latency=setting, min_channels=min_channels,
-                  round_to="auto")
+    try:
+        r_lat, refused = prune(at_latency, x1, "l1", target_latency=target, latency=setting,
+                               min_channels=min_channels, round_to="auto"), None
+    except MTPruneInputError as e:  # a target below the latency floor is refused: nothing to time
+        r_lat, refused = None, str(e)
     latency_prune_s = time.perf_counter() - t0
     tp, tp_ratio = _tp_at_macs(dense, x1, target, cmp.tp_trials)
     macs0 = count(dense, x1)[1]
     nets = {"dense": dense, "mtprune_macs": at_macs, "mtprune_latency": at_latency, "torch_pruning": tp}
+    if refused:
+        del nets["mtprune_latency"]
     kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
     xb = torch.rand(batch, 3, h, w, device=device)
     nets = {k: n.to(device).eval() for k, n in nets.items()}
-    times = _rotating({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device)
+    # latency.interleaved_times: the timing function of the latency targets' feedback loop too
+    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
     rows = {}
-    for k in VARIANTS:
+    for k in nets:
         speedups = [d / p for d, p in zip(times["dense"], times[k], strict=True)]
         speedup = statistics.median(speedups)
         rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
                    "fidelity": speedup * kept[k]}
-    measured = 1 / rows["mtprune_latency"]["speedup"]
-    rows["mtprune_latency"].update({
-        "latency_ratio": measured, "within_5pct": abs(measured - target) <= 0.05 * target,
-        "predicted_ratio": r_lat.extra["latency"]["predicted_ratio"], "prune_s": latency_prune_s,
-        "table": r_lat.extra["latency"]["setting"]})
+    if refused:
+        rows["mtprune_latency"] = {"refused": refused, "within_5pct": False, "prune_s": latency_prune_s}
+    else:  # the ratio the feedback loop aims at, computed the same way (latency.median_ratios)
+        measured = median_ratios(times, "dense")["mtprune_latency"]
+        lat = r_lat.extra["latency"]
+        rows["mtprune_latency"].update({
+            "latency_ratio": measured, "within_5pct": abs(measured - target) <= 0.05 * target,
+            "predicted_ratio": lat["predicted_ratio"], "prune_s": latency_prune_s, "table": lat["setting"],
+            "feedback": lat["feedback"], "floor": lat.get("floor")})
     rows["torch_pruning"]["channel_ratio"] = tp_ratio
     rows["mtprune_macs"]["macs_ratio_reported"] = r_macs.macs_ratio
     for n in nets.values():
@@ -174,15 +192,24 @@ def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
     for row in side:
         for k in VARIANTS:
             v = row[k]
+            if "refused" in v:
+                lines.append(f"| {row['model']} | {row['target']} | {k} | | | | | refused: below the latency floor |")
+                continue
             extra = (f"{v['latency_ratio']:.3f} ({v['predicted_ratio']:.3f}) {'✓' if v['within_5pct'] else '✗'}"
                      if k == "mtprune_latency" else "")
             lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "
                          f"{v['macs_kept']:.3f} | {v['fidelity']:.2f} | {extra} |")
+    rounds = max((r.get("repeats", 1) for r in prune_time), default=1)
     lines += ["", "## Time to prune: mtprune.prune against Torch-Pruning's MetaPruner", "",
+              "Wall time of one call each, from the same dense weights, median of "
+              f"{rounds} round{'s' if rounds > 1 else ''} (alternating which runs first). Both trace the dependency "
+              "graph, score, choose and remove channels; mtprune also bisects to the exact MACs target, validates "
+              "every group and re-traces the pruned model, Torch-Pruning prunes once at the uniform ratio "
+              "1 - sqrt(target).", "",
               "| model | input | MACs target | mtprune s | Torch-Pruning s | ratio | MACs kept (mtprune / TP) |",
               "|---|---|---|---|---|---|---|"]
     for r in prune_time:
-        lines.append(f"| {r['model']} | {r['input'][1]}² | {r['target_macs']} | {r['mtprune_s']:.1f} | "
-                     f"{r['torch_pruning_s']:.1f} | {r['ratio']:.2f}{'' if r['within_2x'] else ' (> 2×)'} | "
+        lines.append(f"| {r['model']} | {r['input'][1]}² | {r['target_macs']} | {r['mtprune_s']:.2f} | "
+                     f"{r['torch_pruning_s']:.2f} | {r['ratio']:.2f}{'' if r['within_2x'] else ' (> 2×)'} | "
                      f"{r['mtprune_macs_ratio']:.3f} / {r['torch_pruning_macs_ratio']:.3f} |")
     return lines

@@ -17,6 +17,7 @@ import heapq
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,7 +52,11 @@ def _round(group: ChannelGroup, remove: int, round_to: RoundTo) -> int:
 
 
 def _lowest(scores: Tensor, k: int) -> list[int]:
-    return sorted(torch.argsort(scores, stable=True)[:k].tolist())
+    # numpy's stable sort: the same order as torch.argsort(stable=True), several times faster on one group's scores
+    # (each bisection trial sorts every group)
+    values = scores.detach().cpu()
+    values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values  # exact; numpy has no bf16
+    return sorted(np.argsort(values.numpy(), kind="stable")[:k].tolist())
 
 
 def plan_removal(groups: list[ChannelGroup], scores: Mapping[int, Tensor], fraction: float, *,
@@ -82,18 +87,19 @@ def _global_counts(pool: list[ChannelGroup], scores: Mapping[int, Tensor], fract
     target = int(round(fraction * total))
     if target <= 0:
         return {}
-    values = torch.cat([_normalized(scores[g.index].float(), normalize) for g in pool])
-    owner = torch.cat([torch.full((g.channels,), i) for i, g in enumerate(pool)])
-    caps = [_cap(g, min_channels) for g in pool]
-    counts = [0] * len(pool)
-    taken = 0
-    for pos in torch.argsort(values, stable=True).tolist():
-        i = int(owner[pos])
-        if counts[i] < caps[i]:
-            counts[i] += 1
-            taken += 1
-            if taken >= target:
-                break
+    values = torch.cat([_normalized(scores[g.index].float(), normalize) for g in pool]).detach().cpu().numpy()
+    owner = np.repeat(np.arange(len(pool)), [g.channels for g in pool])
+    caps = np.array([_cap(g, min_channels) for g in pool])
+    # lowest first (a stable sort, ties in order), skipping a channel once its group has lost its cap: a channel
+    # goes iff its rank within its group (in the global order) is below the cap, and it is among the first
+    # ``target`` such channels
+    own = owner[np.argsort(values, kind="stable")]
+    by_group = np.argsort(own, kind="stable")  # positions grouped by owner, each group in global order
+    sizes = np.bincount(own, minlength=len(pool))
+    rank = np.empty_like(own)
+    rank[by_group] = np.arange(len(own)) - (np.cumsum(sizes) - sizes)[own[by_group]]
+    taken = own[rank < caps[own]][:target]
+    counts = np.bincount(taken, minlength=len(pool)).tolist()
     return {g.index: c for g, c in zip(pool, counts, strict=True)}
 
 

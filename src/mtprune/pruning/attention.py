@@ -102,12 +102,28 @@ def _has_qk_norm(m: nn.Module) -> bool:
     return any(not isinstance(getattr(m, a, None), nn.Identity | type(None)) for a in ("q_norm", "k_norm"))
 
 
+class _Submodules:
+    """``dict(model.named_modules())``'s ``[]`` and ``get``, one name at a time (``get_submodule``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def get(self, name: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+
 def head_spec(model: nn.Module, root: str, channels: int, members: Iterable[str],
               qkv: Mapping[str, tuple[str, str]]) -> HeadSpec | None:
     """The head structure a group must respect, ``None`` if it holds no attention. ``members``: the names of the
     group's out modules. Raises ``ValueError`` when attention modules on one group disagree on their heads (the
     group is then left unpruned)."""
-    modules = dict(model.named_modules())
+    modules = _Submodules(model)  # looked up by name: listing every module for each group costs O(groups x modules)
     if root in qkv:
         attn_name, proj = qkv[root]
         attn = modules[attn_name]

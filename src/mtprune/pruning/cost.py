@@ -1,7 +1,8 @@
 """The cost of a pruned configuration, computed from widths: no deep copy, no re-tracing.
 
-:class:`CostModel` runs the model once (per-sample MACs of every conv/linear layer from
-:func:`mtprune.measure.layer_macs`, and each layer's input and output shapes) and reads from the
+:class:`CostModel` takes per-sample MACs of every conv/linear layer as :func:`mtprune.measure.layer_macs` counts
+them, and each layer's input and output shapes, from the forward the graph traced (:func:`layer_costs`; one
+counting forward of its own where that record cannot be used, e.g. attention matmuls), and reads from the
 :class:`~mtprune.pruning.graph.PruningGraph` which input and output channels of which layer every channel group
 touches. A plan (group index -> channels to remove) then gives every layer's kept input and output widths, and
 
@@ -21,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,7 @@ from ..utils.runtime import eval_mode
 from . import attention
 from .graph import ChannelGroup, PruningGraph
 
-__all__ = ["CostModel", "LayerShape", "Tracker"]
+__all__ = ["CostModel", "LayerShape", "Tracker", "layer_costs"]
 
 Plan = Mapping[int, Sequence[int]]
 LayerCost = Callable[[str, int, int], float]
@@ -76,7 +78,37 @@ def _widths(module: nn.Module) -> tuple[int, int]:
 
 def _multiplicity(root: list[int], channels: int) -> Tensor:
     """How many local channels each group channel stands for (a flatten: ``h*w``; a split: 0 for some)."""
-    return torch.bincount(torch.tensor(root, dtype=torch.long), minlength=channels).to(torch.float64)
+    return torch.from_numpy(np.bincount(np.asarray(root, dtype=np.int64), minlength=channels).astype(np.float64))
+
+
+def layer_costs(model: nn.Module, example_inputs: Any, graph: PruningGraph | None = None
+                ) -> tuple[dict[str, int], dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Per-sample MACs by module name (exactly :func:`mtprune.measure.layer_macs`) and each conv/linear layer's
+    first (input, output) shape per sample.
+
+    Read from the forward that ``graph`` traced when it recorded one (``PruningGraph(record_layers=True)``) that
+    :meth:`~mtprune.measure.LayerRecord.describes` this model on these inputs: batch 1, same shapes, no layer
+    changed since, and every counted call a module's own weight. Otherwise (attention matmuls and other calls
+    without a weight, whose module ``layer_macs`` finds with hooks on every module) one counting forward runs.
+    """
+    record = graph.layer_record if graph is not None and graph.model is model else None
+    if record is not None and record.describes(model, example_inputs):
+        return dict(record.macs), dict(record.shapes)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            def hook(mod, args, out, name=name):
+                if name not in shapes and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    shapes[name] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]))
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            macs, _ = layer_macs(model, first_samples(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs, shapes
 
 
 class CostModel:
@@ -89,20 +121,7 @@ class CostModel:
     def __init__(self, model: nn.Module, example_inputs: Any, graph: PruningGraph | None) -> None:
         self.groups: list[ChannelGroup] = list(graph.groups) if graph is not None else []
         modules = dict(model.named_modules())
-        shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        hooks = []
-        for name, module in modules.items():
-            if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-                def hook(mod, args, out, name=name):
-                    if name not in shapes and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-                        shapes[name] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]))
-                hooks.append(module.register_forward_hook(hook))
-        try:
-            with eval_mode(model), torch.no_grad():
-                macs, _ = layer_macs(model, first_samples(example_inputs))
-        finally:
-            for h in hooks:
-                h.remove()
+        macs, shapes = layer_costs(model, example_inputs, graph)
         self.params_total = sum(p.numel() for p in model.parameters())
         self.macs_total = sum(macs.values())
         layer_types = nn.Linear | nn.modules.conv._ConvNd
@@ -153,6 +172,9 @@ class CostModel:
                          for n in self.layers}
         self._norm_params = {n: [p.shape[0] if p.dim() else 0 for p in modules[n].parameters(recurse=False)]
                              for idx in self.norms for n, _ in self.norms[idx]}
+        # multiplicity tensors with a single value (one-to-one maps: 1.0), by id, for :meth:`gone`
+        mults = [m for e in self.touch.values() for _, _, m in e] + [m for e in self.norms.values() for _, m in e]
+        self._uniform = {id(m): float(m[0]) for m in mults if len(m) and bool((m == m[0]).all())}
 
     # ------------------------------------------------------------------ widths of a plan
     def removed(self, plan: Plan) -> tuple[dict[str, float], dict[str, float]]:
@@ -162,11 +184,18 @@ class CostModel:
         for gi, idxs in plan.items():
             if not len(idxs):
                 continue
-            sel = torch.as_tensor(list(idxs), dtype=torch.long)
             for name, side, mult in self.touch[gi]:
                 target = rm_out if side == "out" else rm_in
-                target[name] = target.get(name, 0.0) + float(mult[sel].sum())
+                target[name] = target.get(name, 0.0) + self.gone(mult, idxs)
         return rm_in, rm_out
+
+    def gone(self, mult: Tensor, idxs: Sequence[int]) -> float:
+        """How many channels of a layer the group channels ``idxs`` stand for (``mult``: per group channel, as in
+        :attr:`touch` and :attr:`norms`). Those of a one-to-one map (most) are counted without indexing."""
+        same = self._uniform.get(id(mult))  # only the model's own tensors are there, alive while it is
+        if same is not None:
+            return same * len(idxs)
+        return float(mult[torch.as_tensor(list(idxs), dtype=torch.long)].sum())
 
     def widths(self, plan: Plan) -> dict[str, tuple[int, int]]:
         """Every layer's kept (input, output) width once ``plan`` is applied."""
@@ -216,9 +245,8 @@ class CostModel:
         for gi, idxs in plan.items():
             if not len(idxs):
                 continue
-            sel = torch.as_tensor(list(idxs), dtype=torch.long)
             for name, mult in self.norms[gi]:
-                gone = float(mult[sel].sum())
+                gone = self.gone(mult, idxs)
                 saved += sum(gone for size in self._norm_params[name] if size > 1)
         return round(self.params_total - saved)
 
@@ -238,12 +266,11 @@ class Tracker:
         self.value = sum(self.layer_value.values())
 
     def _after(self, gi: int, idxs: Sequence[int]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-        sel = torch.as_tensor(list(idxs), dtype=torch.long)
         rm_in: dict[str, float] = {}
         rm_out: dict[str, float] = {}
         for name, side, mult in self.cost.touch[gi]:
             target, base = (rm_out, self.rm_out) if side == "out" else (rm_in, self.rm_in)
-            target[name] = target.get(name, base.get(name, 0.0)) + float(mult[sel].sum())
+            target[name] = target.get(name, base.get(name, 0.0)) + self.cost.gone(mult, idxs)
         return {n: self.fn(n, *self.cost.kept(n, rm_in.get(n, self.rm_in.get(n, 0.0)),
                                               rm_out.get(n, self.rm_out.get(n, 0.0))))
                 for n in set(rm_in) | set(rm_out)}, rm_in, rm_out

@@ -152,7 +152,8 @@ def group_weights(model: nn.Module, group: ChannelGroup,
 
 def static_stats(model: nn.Module, graph: PruningGraph) -> list[GroupStats]:
     """Weight-only statistics: no data needed."""
-    return [GroupStats(g, *group_weights(model, g)) for g in graph.groups]
+    modules = dict(model.named_modules())
+    return [GroupStats(g, *group_weights(model, g, modules)) for g in graph.groups]
 
 
 def check_losses(losses: Mapping[str, Loss], outputs: Mapping[str, Tensor]) -> None:
