@@ -4,6 +4,8 @@ whole model is corrected by timing the pruned configuration. Deterministic: the 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ import mtprune
 import mtprune.pruning.latency as latency_module
 import mtprune.pruning.prune as prune_module
 from mtprune.pruning.cost import CostModel, LayerShape
-from mtprune.pruning.latency import close_the_loop
+from mtprune.pruning.latency import _next_ask, close_the_loop
 from mtprune.utils.errors import MTPruneInputError
 
 X = torch.zeros(1, 3, 32, 40)
@@ -55,10 +57,27 @@ def test_close_the_loop_converges_and_keeps_the_best_plan():
 DENSE_TABLE_MS = table_ms(model())
 
 
+class FakeTimer:
+    """``PairedTimer`` on 'the hardware' of ``real_ms``, on a machine whose load grows at every timing: the
+    reference and the candidate, timed alongside, slow down alike, so only their ratio is worth anything."""
+
+    real_ms = staticmethod(fake_real_ms)
+    calls = 0
+
+    def __init__(self, reference, example_inputs, setting, rounds=None, clock=None) -> None:
+        self.reference = reference
+
+    def __call__(self, candidate) -> dict[str, float]:
+        FakeTimer.calls += 1
+        load = 1 + 0.3 * FakeTimer.calls
+        ref, got = self.real_ms(self.reference) * load, self.real_ms(candidate) * load
+        return {"ratio": got / ref, "reference_ms": ref, "candidate_ms": got}
+
+
 @pytest.mark.parametrize("target", [0.5, 0.3])
 def test_prune_reaches_the_measured_latency_within_5_percent(monkeypatch, tmp_path, target):
     monkeypatch.setattr(latency_module, "LatencyTable", lambda setting: table)  # lookups: the injected table
-    monkeypatch.setattr(prune_module, "measure_model_ms", fake_real_ms)  # timings of pruned copies: the fake
+    monkeypatch.setattr(prune_module, "PairedTimer", FakeTimer)  # timings of pruned copies beside the dense one
     monkeypatch.setattr(latency_module, "measure_model_ms", fake_real_ms)  # the dense calibration timing
     dense = model()
     goal = target * fake_real_ms(dense)
@@ -67,11 +86,90 @@ def test_prune_reaches_the_measured_latency_within_5_percent(monkeypatch, tmp_pa
     net = model()
     report = mtprune.prune(net, X, "l1", target_latency=target, latency={"feedback": 4}, min_channels=2)
     assert abs(fake_real_ms(without) - goal) > 0.05 * goal  # the calibrated table alone misses the real latency
-    assert fake_real_ms(net) == pytest.approx(goal, rel=0.05)  # the loop corrects it
+    assert fake_real_ms(net) == pytest.approx(goal, rel=0.05)  # the loop corrects it, under a drifting load
     trials = report.extra["latency"]["feedback"]
     assert 2 <= len(trials) <= 4
     chosen = [t for t in trials if t.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["measured_ms"] == pytest.approx(fake_real_ms(net))
+
+
+def overhead_ms(net: torch.nn.Module, *_args) -> float:
+    """'Hardware' with a fixed cost per forward that no layer shows (dispatch, norms, the unprunable ends): the
+    calibration spreads it over the activations, so the table believes thin models lose it too."""
+    return table_ms(net) + 0.5 * DENSE_TABLE_MS
+
+
+def test_a_goal_below_the_floor_is_refused_and_the_model_left_alone(monkeypatch):
+    monkeypatch.setattr(latency_module, "LatencyTable", lambda setting: table)
+    monkeypatch.setattr(latency_module, "measure_model_ms", overhead_ms)
+    net = model()
+    widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    # the table alone: the floor it predicts (every prunable layer at 2 channels) is far below the real one
+    report = mtprune.prune(model(), X, "l1", target_latency=0.4, latency={"feedback": 0}, min_channels=2)
+    floor = report.extra["latency"]["floor"]
+    assert "measured_ms" not in floor and floor["predicted_ratio"] < 0.4
+    with pytest.raises(MTPruneInputError, match=r"target_latency=0.02 is below this model's latency floor.*"
+                                                r"min_channels=2.*\(predicted\)"):
+        mtprune.prune(net, X, "l1", target_latency=0.02, latency={"feedback": 0}, min_channels=2)
+    # with feedback the floor is timed: the real one (> 1/3 of dense) refuses 0.3, which the table allowed
+    FakeTimer.real_ms = staticmethod(overhead_ms)
+    monkeypatch.setattr(prune_module, "PairedTimer", FakeTimer)
+    try:
+        with pytest.raises(MTPruneInputError, match=r"target_latency=0.3 is below .* floor.*\(measured\)"):
+            mtprune.prune(net, X, "l1", target_latency=0.3, latency={"feedback": 3}, min_channels=2)
+    finally:
+        FakeTimer.real_ms = staticmethod(fake_real_ms)
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == widths  # unchanged
+
+
+def test_the_loop_stops_when_the_latency_stops_falling():
+    """Real latency flat below 12 ms of asked latency: the loop does not keep asking for less (which would only
+    remove MACs) and keeps the least pruned of the plans that measured the same."""
+    asked = []
+
+    def replan(ms):
+        asked.append(ms)
+        return {"ask": ms}
+
+    plan, trials = close_the_loop(8.0, {"ask": 8.0}, replan, lambda p: max(p["ask"], 12.0) + 1.0, rounds=5)
+    assert trials[-1].get("flat") and len(trials) == 2
+    assert plan == {"ask": 8.0} and trials[0]["chosen"]
+    plan, trials = close_the_loop(8.0, {"ask": 8.0}, replan, lambda p: 2 * p["ask"], rounds=5, floor_ms=6.0)
+    assert min(t["asked_ms"] for t in trials) >= 6.0  # asks never go below the predicted floor
+
+
+def test_known_pairs_bracket_the_first_correction():
+    """Real latency = asked² (in units of the dense one): scaling the first miss would ask for 1.0 (the dense model);
+    with the dense pair (1, 1) known, the loop interpolates (log-log) and lands on the goal at the second timing."""
+    asked = []
+
+    def replan(ms):
+        asked.append(ms)
+        return {"ask": ms}
+
+    close_the_loop(0.5, {"ask": 0.5}, replan, lambda p: p["ask"] ** 2, rounds=2)
+    assert asked == [1.0]  # without it: the first miss (0.25) doubles the ask, to the dense model
+    asked.clear()
+    plan, trials = close_the_loop(0.5, {"ask": 0.5}, replan, lambda p: p["ask"] ** 2, rounds=4, known=[(1.0, 1.0)])
+    assert len(trials) == 2 and trials[-1]["measured_ms"] == pytest.approx(0.5) and trials[-1]["chosen"]
+    assert asked == [pytest.approx(0.5 ** 0.5)] and plan == {"ask": asked[0]}
+
+
+def test_next_ask_interpolates_once_the_goal_is_bracketed():
+    """Real latency is curved in the asked one (pairs measured on MobileNetV2): once bracketed, log-log
+    interpolation between the nearest pairs below and above the goal, which stays inside the bracket even when
+    the pairs on one side would extrapolate far (the floor's (0.1, 0.03) with (0.5, 0.28) would ask for 0.86);
+    extrapolation before a bracket exists is bounded."""
+    points = [(0.25, 0.14), (0.448, 0.193), (0.657, 0.351)]
+    t = math.log(0.25 / 0.193) / math.log(0.351 / 0.193)
+    assert _next_ask(points, 0.25) == pytest.approx(0.448 * (0.657 / 0.448) ** t)
+    assert 0.448 < _next_ask(points, 0.25) < 0.657
+    with_anchors = [(0.1, 0.03), (0.5, 0.28), (1.0, 1.0)]
+    assert _next_ask(with_anchors, 0.5) == pytest.approx(0.5 * 2 ** (math.log(0.5 / 0.28) / math.log(1 / 0.28)))
+    assert _next_ask([(1.0, 1.0), (0.5, 0.25)], 0.5) == pytest.approx(0.5 ** 0.5)  # exact on a power law
+    assert _next_ask([(10.0, 40.0)], 10.0) == 5.0  # scaled by goal / measured, at most halved
+    assert _next_ask([(10.0, 9.0), (9.0, 8.0)], 20.0) == 20.0  # secant (20.4) capped at twice the nearest ask
+    assert _next_ask([(10.0, 12.0), (9.0, 12.5)], 10.0) == pytest.approx(10.0 * 10 / 12)  # slope <= 0: scaled
 
 
 def test_bad_feedback_is_refused():

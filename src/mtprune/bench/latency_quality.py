@@ -3,13 +3,15 @@
 On the ``criteria`` suite's testbed (synthetic_scenes, seg/depth/normal, Deeplab-ResNet-18 + ASPP; its dense
 model trained once per seed, here in ``runs/``), for each seed and MACs target t:
 
-1. **at equal MACs**: ``task_taylor`` with global ranking prunes a copy to ``target_macs=t``; its latency L on
-   this machine's setting (CPU threads, the config's evaluation batch, or CUDA on ``--scale gpu``) is then
-   measured (``pruning.latency.model_latency``: the per-layer table, calibrated on the model as a whole);
-2. **at equal latency**: ``task_taylor`` prunes another copy to ``target_latency_ms=L`` (HALP-style knapsack,
-   widths rounded to the device's channel blocking);
-3. both are fine-tuned alike (the ``criteria`` suite's recipe: ``ft_epochs`` at a quarter of the dense learning
-   rate, last epoch kept), and their forwards are timed in alternating pairs.
+1. **at equal MACs**: ``task_taylor`` with global ranking prunes a copy to ``target_macs=t``; its latency ratio
+   r to the dense model on this machine's setting (CPU threads, the config's evaluation batch, or CUDA on
+   ``--scale gpu``) is then measured, the two timed alongside (``pruning.latency.PairedTimer``);
+2. **at equal latency**: ``task_taylor`` prunes another copy to ``target_latency=r`` (HALP-style knapsack,
+   widths rounded to the device's channel blocking, the measured feedback loop on);
+3. both are fine-tuned alike (the ``criteria`` suite's recipe: ``ft_epochs`` at ``FT_LR_FACTOR`` times the dense
+   learning rate, last epoch kept; the dense model settled by one such cycle, as in ``criteria``), and their
+   forwards are timed alternately with the dense one (``pruning.latency.interleaved_times``, as the feedback loop
+   and ``mtprune bench speed`` time them).
 
 Each row gives Δm (against the seed's dense model) after fine-tuning for both, their MACs kept and measured
 latencies; the summary says whether Δm at equal latency is no worse than at equal MACs.
@@ -17,8 +19,8 @@ latencies; the summary says whether Δm at equal latency is no worse than at equ
 
 from __future__ import annotations
 
+import copy
 import shutil
-import statistics
 from pathlib import Path
 
 import torch
@@ -26,15 +28,14 @@ import torch
 from .. import recipe
 from ..engine.trainer import Trainer
 from ..io import load as load_model
-from ..measure import measure_latency
-from ..pruning.latency import model_latency
+from ..pruning.latency import LatencySetting, PairedTimer, interleaved_times, median_ratios
 from ..pruning.prune import as_losses, prune
 from ..tasks import delta_m
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import seed_everything
 from .common import Entries, fingerprint, machine, results_dir
-from .criteria import SCALES, STATS_BATCHES, SUITE_VERSION, _config, _Setup
+from .criteria import SCALES, STATS_BATCHES, _config, _Setup, settled_dense
 
 CRITERION = "task_taylor"
 TABLE = {"small": {"grid": 2, "repeats": 1, "warmup": 0}, "cpu": {"grid": 6, "repeats": 5, "warmup": 2},
@@ -49,8 +50,7 @@ def _setting(scale: str, setup: _Setup, table_dir: Path) -> dict:
 
 
 def _finetune(setup: _Setup, model: torch.nn.Module, ft_epochs: int, run_dir: Path) -> dict:
-    cfg = setup.cfg
-    ft = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": ft_epochs, "lr": cfg.train.lr / 4})})
+    ft = setup.finetune_config(ft_epochs)
     shutil.rmtree(run_dir, ignore_errors=True)  # the unit of resumption is the entry: a partial one starts over
     Trainer(model, setup.tasks, setup.train_set, setup.val_set, run_dir, recipe.train_options(ft, quiet=True)).fit()
     return setup.evaluate(model)
@@ -58,36 +58,45 @@ def _finetune(setup: _Setup, model: torch.nn.Module, ft_epochs: int, run_dir: Pa
 
 def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, setting: dict,
                   repeats: int = 10) -> dict:
-    """One seed and target: prune at MACs ``target``, measure its latency, prune at that latency, fine-tune both."""
+    """One seed and target: prune at MACs ``target``, measure its latency ratio to the dense model, prune to that
+    ratio, fine-tune both."""
     cfg, x = setup.cfg, setup.x
     models, reports = {}, {}
+    dense = load_model(setup.dense_path, base=setup.fresh())
     for kind in ("equal_macs", "equal_latency"):
         seed_everything(cfg.seed)  # both decide from the same statistics batches
         model = load_model(setup.dense_path, base=setup.fresh())
         target_kw = ({"target_macs": target} if kind == "equal_macs" else
-                     {"target_latency_ms": reports["equal_macs"]["latency_ms"], "latency": setting,
+                     {"target_latency": reports["equal_macs"]["latency_ratio"], "latency": setting,
                       "round_to": "auto"})
-        rep = prune(model, x, CRITERION, data=setup.stats_data(), losses=as_losses(setup.tasks),
-                    batches=STATS_BATCHES, min_channels=2, seed=cfg.seed, **target_kw)
+        try:
+            rep = prune(model, x, CRITERION, data=setup.stats_data(), losses=as_losses(setup.tasks),
+                        batches=STATS_BATCHES, min_channels=2, seed=cfg.seed, **target_kw)
+        except MTPruneInputError as e:  # its latency lies below the floor (or measured >= dense): nothing to compare
+            reports[kind] = {"refused": str(e)}
+            continue
         reports[kind] = {"macs_kept": rep.macs_ratio, "params_kept": rep.params_ratio,
-                         "latency_ms": model_latency(model, x, setting), "prediction": rep.extra.get("latency")}
+                         "prediction": rep.extra.get("latency")}
+        if kind == "equal_macs":  # its latency, as a ratio to the dense model timed alongside
+            timer = PairedTimer(dense, x, LatencySetting.parse(setting))
+            reports[kind]["latency_ratio"] = timer(copy.deepcopy(model))["ratio"]
         models[kind] = model
-    dense = load_model(setup.dense_path, base=setup.fresh())
     dense_metrics = setup.evaluate(dense)
     dev = torch.device(setting["device"])
     xb = x[:1].expand(setting["batch"], *x.shape[1:]).contiguous().to(dev)
     nets = {"dense": dense.eval().to(dev), **{k: m.eval().to(dev) for k, m in models.items()}}
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(repeats):  # alternating, so that load drift hits all alike
-        for k, net in nets.items():
-            times[k].append(measure_latency(lambda n=net: n(xb), warmup=1, repeats=1, device=dev))
+    times = interleaved_times({k: (lambda n=net: n(xb)) for k, net in nets.items()}, repeats, device=dev)
+    ratios = median_ratios(times, "dense")
     row = {"target_macs": target, "seed": cfg.seed, "dense_ms": min(times["dense"])}
     for kind, model in models.items():
         metrics = _finetune(setup, model, ft_epochs, run_dir / kind)
-        speedup = statistics.median(d / p for d, p in zip(times["dense"], times[kind], strict=True))
+        speedup = 1 / ratios[kind]
         row[kind] = {**reports[kind], "measured_ms": min(times[kind]), "speedup": speedup, "metrics": metrics,
                      "delta_m": delta_m(metrics, dense_metrics, setup.tasks)}
-    row["latency_no_worse"] = row["equal_latency"]["delta_m"] >= row["equal_macs"]["delta_m"]
+    if "equal_latency" not in models:
+        row["equal_latency"] = reports["equal_latency"]
+    row["latency_no_worse"] = (row["equal_latency"]["delta_m"] >= row["equal_macs"]["delta_m"]
+                               if "equal_latency" in models else None)
     return row
 
 
@@ -104,11 +113,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
     rows = []
     for seed in seeds:
         setup = _Setup(_config(scale, seed), runs)
-        base = (SUITE_VERSION, setup.cfg.model_dump(mode="json"))
-        dense_fp = fingerprint(*base)
-        entries.get(f"dense_s{seed}", lambda s=setup, f=dense_fp: s.dense(resume, f), dense_fp)
-        if not setup.dense_path.is_file():
-            setup.dense(resume, dense_fp)
+        _, base = settled_dense(entries, setup, resume, ft_epochs)
         setting = _setting(scale, setup, folder / "latency_tables")
         for target in targets:
             key = f"quality_{target}_s{seed}"
@@ -117,7 +122,9 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
                 s, t, ft_epochs, runs / k, st), fp))
     result = {"suite": "latency_quality", "scale": scale, "machine": machine(), "criterion": CRITERION,
               "finetune_epochs": ft_epochs, "config": _config(scale, 0).model_dump(mode="json"), "rows": rows,
-              "no_worse": sum(r["latency_no_worse"] for r in rows), "of": len(rows)}
+              "no_worse": sum(bool(r["latency_no_worse"]) for r in rows),
+              "of": sum(r["latency_no_worse"] is not None for r in rows),
+              "refused": sum(r["latency_no_worse"] is None for r in rows)}
     atomic_write_json(folder / "results.json", result)
     atomic_write_text(folder / "results.md", markdown(result))
     return result
@@ -133,9 +140,16 @@ def markdown(r: dict) -> str:
              "no worse |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         a, b = row["equal_macs"], row["equal_latency"]
+        if "refused" in b:
+            lines.append(f"| {row['target_macs']} | {row['seed']} | {row['dense_ms']:.1f} | {a['measured_ms']:.1f}, "
+                         f"{a['macs_kept']:.3f}, {a['delta_m']:+.2f} | refused: {b['refused'].split(':')[0]} | |")
+            continue
         lines.append(f"| {row['target_macs']} | {row['seed']} | {row['dense_ms']:.1f} | {a['measured_ms']:.1f}, "
                      f"{a['macs_kept']:.3f}, {a['delta_m']:+.2f} | {b['measured_ms']:.1f}, {b['macs_kept']:.3f}, "
                      f"{b['delta_m']:+.2f} | {'yes' if row['latency_no_worse'] else 'no'} |")
-    lines += ["", f"At equal latency, Δm no worse than at equal MACs in {r['no_worse']} of {r['of']} rows."]
+    lines += ["", f"At equal latency, Δm no worse than at equal MACs in {r['no_worse']} of {r['of']} rows"
+              + (f" ({r['refused']} more refused: the MACs model's latency ratio was no target, below the "
+                 "latency floor or not below 1)."
+                 if r.get("refused") else ".")]
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,11 @@ engine cost in time and memory?
    (``cosprune``) and, for reference, one plain forward + summed-loss backward.
 5. and 6. **Side by side** (dense, mtprune at equal MACs, mtprune at equal latency, Torch-Pruning; fidelity =
    speed-up × MACs kept) and **time to prune** against Torch-Pruning's MetaPruner: ``bench/speed_compare.py``.
+7. **Latency floor and fidelity ceiling.** Per model, every prunable layer cut to its minimum width
+   (``min_channels``, as the pruned rows) and timed alongside the dense model. No allocation runs faster than
+   this floor (norms, activations, upsampling, the unprunable first and last layers and per-call overheads
+   remain), so at MACs t the speed-up is at most dense / floor and the fidelity at most t × dense / floor (capped
+   at 1.0, latency falling exactly as MACs do): how far each method is from what is achievable at all.
 
 How peak memory is measured (CPU): the measurements run in a fresh Python subprocess started with glibc's
 ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every tensor buffer is its own ``mmap`` and is returned to the OS
@@ -47,10 +52,10 @@ from matplotlib.ticker import FuncFormatter
 from torch import Tensor, nn
 
 from ..io import save
-from ..measure import measure_latency
 from ..models import build_model
 from ..pruning.criteria import Criterion, get_criterion
 from ..pruning.graph import PruningGraph
+from ..pruning.latency import interleaved_times, median_ratios
 from ..pruning.prune import as_losses, prune
 from ..pruning.stats import TASK_WEIGHT_GRADS, StatisticsEngine
 from ..report.plots import _save, plt
@@ -60,7 +65,7 @@ from ..sparsity.storage import stored_size
 from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
-from .common import Entries, machine, results_dir
+from .common import Entries, fingerprint, machine, results_dir
 from .speed_compare import COMPARE, prune_time_entry, side_by_side_entry
 from .speed_compare import markdown as compare_markdown
 
@@ -131,14 +136,12 @@ def _loop_stats(model, graph, losses, x, targets) -> None:
 
 
 def _paired_latency(dense, pruned, repeats: int, device) -> tuple[float, float, list[float]]:
-    """Time dense and pruned forwards alternately, one pair at a time, so load drift hits both alike.
-    Returns the minimum of each (the least disturbed run) and the per-pair speed-ups; the table reports the
-    minima and the median of the per-pair speed-ups."""
-    pairs = []
-    for _ in range(repeats):
-        pairs.append((measure_latency(dense, warmup=1, repeats=1, device=device),
-                      measure_latency(pruned, warmup=1, repeats=1, device=device)))
-    return min(d for d, _ in pairs), min(p for _, p in pairs), [d / p for d, p in pairs]
+    """Time dense and pruned forwards alternately (``latency.interleaved_times``, the timing function of latency
+    targets too), so load drift hits both alike. Returns the minimum of each (the least disturbed run) and the
+    per-pair speed-ups; the table reports the minima and the median of the per-pair speed-ups."""
+    times = interleaved_times({"dense": dense, "pruned": pruned}, repeats, device=device)
+    return min(times["dense"]), min(times["pruned"]), [d / p for d, p in zip(times["dense"], times["pruned"],
+                                                                            strict=True)]
 
 
 def _time(fn, repeats: int) -> float:
@@ -183,6 +186,29 @@ def _latency_entry(dense: nn.Module, target: float, sc: Scale, device: torch.dev
         row["amp"] = {"latency_dense_ms": ad, "latency_pruned_ms": ap, "speedup": statistics.median(amp_ratios)}
     dense.cpu()
     return row
+
+
+# ------------------------------------------------------------------------- 7. latency floor, fidelity ceiling
+def floor_entry(dense: nn.Module, sc: Scale, device: torch.device) -> dict:
+    """The model with every prunable layer at ``MIN_CHANNELS`` (``l1``, every group cut to the minimum), timed
+    alongside the dense model with ``latency.interleaved_times``: its latency ratio bounds every allocation's."""
+    h, w = sc.input
+    x1 = torch.zeros(1, 3, h, w)
+    thin = copy.deepcopy(dense)
+    report = prune(thin, x1, "l1", channel_ratio=1 - 1e-9, allocator="layer", min_channels=MIN_CHANNELS)
+    xb = torch.rand(sc.batch, 3, h, w, device=device)
+    dense, thin = dense.to(device), thin.to(device).eval()
+    times = interleaved_times({"dense": lambda: dense(xb), "floor": lambda: thin(xb)}, sc.repeats, device=device)
+    dense.cpu()
+    ratio = median_ratios(times, "dense")["floor"]
+    return {"floor_ratio": ratio, "max_speedup": 1 / ratio, "macs_kept": report.macs_ratio,
+            "params_kept": report.params_ratio, "dense_ms": min(times["dense"]), "floor_ms": min(times["floor"])}
+
+
+def ceiling(floor_ratio: float, macs_kept: float) -> float:
+    """The highest fidelity (speed-up × MACs kept) a model keeping ``macs_kept`` can reach above a latency floor
+    of ``floor_ratio`` × dense: its speed-up is at most 1 / floor_ratio; capped at 1.0."""
+    return min(1.0, macs_kept / floor_ratio)
 
 
 # ----------------------------------------------------------------------------------- 2. stored size of sparsity
@@ -382,9 +408,12 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
             dense[label] = _build(sc.models[label], tasks, sc.width)
         return dense[label]
 
-    rows, side = [], []
+    rows, side, floors = [], [], []
     cmp = COMPARE[scale]
     for label in sc.models:
+        if label not in ROUND_TO:  # 7. the latency floor
+            floors.append({"model": label, **entries.get(f"floor_{scale}_{sc.models[label][0]}",
+                                                         lambda label=label: floor_entry(model(label), sc, device))})
         for target in targets:
             r = ROUND_TO.get(label, 1)
             row = entries.get(f"latency_{scale}_{sc.models[label][0]}{f'_round{r}' if r > 1 else ''}_{target}",
@@ -401,7 +430,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
                         threads or torch.get_num_threads(), cmp, folder / "latency_tables"))})
         dense.pop(label, None)
     prune_time = [entries.get(f"prune_time_{scale}_{m}_{t}",
-                              lambda m=m, t=t: prune_time_entry(m, cmp.prune_input, t, seed))
+                              lambda m=m, t=t: prune_time_entry(m, cmp.prune_input, t, seed, cmp.prune_repeats),
+                              fingerprint("prune_time", 2, cmp.prune_repeats))  # 2: rounds on fresh copies
                   for m in cmp.prune_models for t in cmp.prune_targets]
     first = next(iter(sc.models))
     storage = [entries.get(f"storage_{scale}_{s}", lambda s=s: _storage_entry(model(first), s, x1))
@@ -418,6 +448,7 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
         "storage": {"model": first, "masks": "magnitude, per layer, every conv/linear weight", "rows": storage},
         "stats_engine": {"model": first, **engine},
         "side_by_side": side,
+        "floor": floors,
         "prune_time": prune_time,
         "memory": memory,
         "scale_config": asdict(sc),
@@ -501,6 +532,7 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {row['sparsity']:.0%} | {row['dense_bytes'] / 2**20:.1f} | {row['mtp_ratio']:.3f} | "
                      f"{row['bitmask_ratio']:.3f} | {row['csr_ratio']:.3f} |")
     lines += compare_markdown(r["side_by_side"], r["prune_time"])
+    lines += _ceiling_markdown(r.get("floor", []), r["side_by_side"], r["latency"])
     e = r["stats_engine"]
     lines += ["", "## Statistics engine against the loop", "",
               f"{e['model']}: the engine (1 forward + {e['tasks']} backward) {e['engine_s_per_batch'] * 1e3:.0f} ms "
@@ -522,3 +554,29 @@ def _markdown(r: dict) -> str:
     else:
         lines.append("Not measured: this platform has no /proc/self/clear_refs.")
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_markdown(floors: list[dict], side: list[dict], latency: list[dict]) -> list[str]:
+    """Section 7: each model's latency floor, and measured fidelity beside the ceiling it implies."""
+    if not floors:
+        return []
+    lines = ["", "## Latency floor and fidelity ceiling", "",
+             "Floor: every prunable layer at its minimum width, timed alongside the dense model (median per-round "
+             "ratio). At MACs t no allocation's speed-up exceeds dense / floor, so fidelity ≤ ceiling = min(1, t × "
+             "dense / floor). Measured fidelity from the side-by-side rows (section 1 where a model has none); "
+             "the last column is mtprune's share of the ceiling.", "",
+             "| model | floor (latency, MACs kept) | max speed-up | MACs target | ceiling | mtprune | Torch-Pruning "
+             "| mtprune / ceiling |", "|---|---|---|---|---|---|---|---|"]
+    for f in floors:
+        targets = [s for s in side if s["model"] == f["model"]]
+        if targets:
+            pts = [(s["target"], s["mtprune_macs"], s["torch_pruning"]) for s in targets]
+            measured = [(t, m["fidelity"], m["macs_kept"], tp["fidelity"]) for t, m, tp in pts]
+        else:
+            measured = [(r["target_macs"], r["speedup_over_macs_reduction"], r["macs_ratio"], None)
+                        for r in latency if r["model"] == f["model"]]
+        for t, fid, kept, tp in measured:
+            c = ceiling(f["floor_ratio"], kept)
+            lines.append(f"| {f['model']} | {f['floor_ratio']:.3f}, {f['macs_kept']:.4f} | {f['max_speedup']:.1f}× | "
+                         f"{t} | {c:.2f} | {fid:.2f} | {'' if tp is None else f'{tp:.2f}'} | {fid / c:.2f} |")
+    return lines

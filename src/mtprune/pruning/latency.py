@@ -18,6 +18,15 @@ builds such a table for a multi-task model and predicts the latency of any prune
   proportion to their output activations; if the isolated layers sum to more than the whole model, the table is
   scaled down instead.
 
+- **Real timings** (:func:`interleaved_times`, :class:`PairedTimer`): the one timing function of the feedback
+  loop (:func:`close_the_loop`) and of ``mtprune bench speed``. Candidates are timed alternately with the dense
+  model, each timed call right after an untimed one of the same model, and judged by the median over rounds of
+  their time / the dense time of the same round: a ratio measured alongside, not against a figure remembered
+  from earlier (load drifts between the two).
+- **Floor** (:func:`check_floor`): the latency of the model with every prunable layer at its minimum width. No
+  allocation goes below it (norms, activations, the unprunable first and last layers, per-call overheads remain),
+  so a goal below it is refused instead of cutting every layer to the minimum.
+
 ``LatencySetting.table`` injects a table (``fn(layer, cin, cout) -> ms``; no timing), e.g. for tests.
 """
 
@@ -27,9 +36,12 @@ import bisect
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
-from collections.abc import Callable, Iterable, Mapping
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,7 +55,8 @@ from ..utils.errors import MTPruneInputError
 from ..utils.inputs import call_model, first_samples, map_tensors
 from .cost import CostModel, LayerShape, Plan
 
-__all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "hardware_round_to", "latency_model", "model_latency"]
+__all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "PairedTimer", "check_floor", "hardware_round_to",
+           "interleaved_times", "latency_model", "median_ratios", "model_latency"]
 
 Table = Callable[[LayerShape, int, int], float]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,7 +85,7 @@ class LatencySetting:
     repeats: int = 5
     cache_dir: str | None = None
     calibrate: bool = True
-    feedback: int = 3
+    feedback: int = 4
     table: Table | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -330,6 +343,105 @@ def measure_model_ms(model: nn.Module, example_inputs: Any, setting: LatencySett
                                device=dev)
 
 
+# ------------------------------------------------------------------ real timings, side by side
+Clock = Callable[[], float]
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm: int = 1,
+                      device: torch.device | str | None = None, clock: Clock = time.perf_counter
+                      ) -> dict[str, list[float]]:
+    """Wall times (ms) of each function over ``rounds`` rounds, measured alternately.
+
+    Each round calls every function once, timed, right after ``warm`` untimed calls of the same function (each is
+    timed warm, as one model runs over and over in deployment); even rounds go in the given order and odd rounds
+    in reverse (A B, B A, ...), so that load drifting during the run hits every function alike. On CUDA the
+    device is synchronised before and after each timed call. ``clock`` (seconds) is injectable for tests. This is
+    the one timing function of latency targets' feedback loop and of ``mtprune bench speed``."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise MTPruneInputError(f"interleaved_times: rounds must be an int >= 1, got {rounds!r}")
+    dev = torch.device(device) if device is not None else None
+    cuda = dev is not None and dev.type == "cuda"
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    with torch.inference_mode():
+        for r in range(rounds):
+            for k in keys if r % 2 == 0 else keys[::-1]:
+                for _ in range(warm):
+                    fns[k]()
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                t0 = clock()
+                fns[k]()
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                times[k].append((clock() - t0) * 1e3)
+    return times
+
+
+def median_ratios(times: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
+    """Per function, the median over rounds of its time / the ``reference``'s time in the same round (the
+    reference's own ratio is 1). Speed-ups are the inverses."""
+    ref = times[reference]
+    return {k: statistics.median(t / r for t, r in zip(v, ref, strict=True)) for k, v in times.items()}
+
+
+def timing_inputs(example_inputs: Any, setting: LatencySetting, seed: int = 0) -> Any:
+    """The inputs the setting times a model on: the first sample of ``example_inputs`` expanded to the setting's
+    batch, floating tensors replaced by seeded uniform noise (zeros can take kernels' fast paths), on the
+    setting's device and dtype."""
+    dev, dtype = setting.torch_device, DTYPES[setting.dtype]
+    g = torch.Generator().manual_seed(seed)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(setting.batch, *t.shape[1:])
+        if t.is_floating_point():
+            return torch.rand(t.shape, generator=g).to(dev, dtype)
+        return t.contiguous().to(dev)
+
+    return map_tensors(first_samples(example_inputs), one)
+
+
+class PairedTimer:
+    """Latency of candidate models as a ratio to a reference model (the dense one) timed alongside them.
+
+    Each call times the reference and the candidate with :func:`interleaved_times` for ``rounds`` rounds (default
+    ``max(setting.repeats, 5)``) in the setting (device, dtype, threads, batch), on :func:`timing_inputs`, and
+    returns ``ratio`` (median over rounds of candidate / reference, :func:`median_ratios`), and the medians
+    ``reference_ms`` and ``candidate_ms``. The reference is copied once; a candidate is moved to the device as it
+    is (pass a copy you can spare)."""
+
+    def __init__(self, reference: nn.Module, example_inputs: Any, setting: LatencySetting,
+                 rounds: int | None = None, clock: Clock = time.perf_counter) -> None:
+        self.setting, self.clock = setting, clock
+        self.rounds = rounds or max(setting.repeats, 5)
+        self.reference = copy.deepcopy(reference).to(setting.torch_device, DTYPES[setting.dtype]).eval()
+        self.inputs = timing_inputs(example_inputs, setting)
+
+    def __call__(self, candidate: nn.Module) -> dict[str, float]:
+        net = candidate.to(self.setting.torch_device, DTYPES[self.setting.dtype]).eval()
+        fns = {"reference": lambda: call_model(self.reference, self.inputs),
+               "candidate": lambda: call_model(net, self.inputs)}
+        with _Threads(self.setting.threads):
+            times = interleaved_times(fns, self.rounds, device=self.setting.torch_device, clock=self.clock)
+        return {"ratio": median_ratios(times, "reference")["candidate"],
+                "reference_ms": statistics.median(times["reference"]),
+                "candidate_ms": statistics.median(times["candidate"])}
+
+
+def check_floor(target: str, value: float, goal_ms: float, floor: Mapping[str, float], dense_ms: float,
+                min_channels: int) -> None:
+    """Refuse a latency goal below the floor: the latency with every prunable layer at its minimum width
+    (``floor["measured_ms"]`` when it was timed, else ``floor["predicted_ms"]``). Below it no allocation can reach
+    the goal, and trying cuts every layer to the minimum for nothing."""
+    how = "measured" if "measured_ms" in floor else "predicted"
+    ms = floor[f"{how}_ms"]
+    if goal_ms < ms:
+        raise MTPruneInputError(
+            f"{target}={value} is below this model's latency floor: with every prunable layer at its minimum width "
+            f"(min_channels={min_channels}) it runs in {ms:.4g} ms ({how}), {ms / dense_ms:.3f} of the dense "
+            f"latency, against a goal of {goal_ms:.4g} ms; ask for more, or lower min_channels")
+
+
 def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel,
                   setting: LatencySetting | Mapping[str, Any] | None = None) -> LatencyModel:
     """The latency model of ``model`` (dense, as ``cost`` was built on it): the table is loaded from the cache or
@@ -355,14 +467,20 @@ def setting_dict(setting: LatencySetting) -> dict[str, Any]:
 
 
 def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds: int,
-                   tolerance: float = 0.02) -> tuple[Any, list[dict[str, float]]]:
-    """Correct a latency plan with real timings: time the pruned configuration (``measure(plan)`` in ms); while it
-    misses ``goal_ms`` by more than ``tolerance``, ask the allocator for another predicted latency (``replan(ms)``):
-    scaled by goal / measured after the first timing, then by the secant through the last two (asked, measured)
-    pairs; at most ``rounds`` timings. Returns the plan measured closest to the goal (preferring those no more
-    than 5 % over it) and the trials (the returned plan's marked ``chosen``). The per-layer table misses what
-    isolated layers do not show (cache effects, thin layers' fixed costs); this loop, not the table, is what
-    brings the real latency within a few %."""
+                   tolerance: float = 0.02, floor_ms: float | None = None,
+                   known: Sequence[tuple[float, float]] = ()) -> tuple[Any, list[dict[str, float]]]:
+    """Correct a latency plan with real timings: time the pruned configuration (``measure(plan)`` in ms; in
+    ``prune``, its ratio to the dense model timed alongside, :class:`PairedTimer`, times the dense latency); while
+    it misses ``goal_ms`` by more than ``tolerance``, ask the allocator for another predicted latency
+    (``replan(ms)``, chosen by :func:`_next_ask` from the trials and the ``known`` (asked, measured) pairs: the
+    dense model, asked its own predicted latency, measures the dense latency; the floor's pair when it was timed);
+    at most ``rounds`` timings.
+    Asks never go below ``floor_ms`` (the predicted latency with every prunable layer at its minimum width), and
+    the loop stops when a request at least 5 % lower bought less than 1 % of real latency: the latency has
+    stopped falling, and asking for less would only remove MACs. Returns the plan measured closest to the goal
+    (preferring those no more than 5 % over it; on a tie the earlier, less pruned one) and the trials (the
+    returned plan's marked ``chosen``). The per-layer table misses what isolated layers do not show (cache
+    effects, thin layers' fixed costs); this loop, not the table, is what brings the real latency within a few %."""
     trials: list[dict[str, float]] = []
     best: tuple[tuple[bool, float], Any, int] | None = None
     ask = goal_ms
@@ -372,13 +490,18 @@ def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds:
         key = (got > goal_ms * 1.05, abs(got - goal_ms))
         if best is None or key < best[0]:
             best = (key, plan, len(trials) - 1)
-        if abs(got - goal_ms) <= tolerance * goal_ms or got <= 0:
+        if abs(got - goal_ms) <= tolerance * goal_ms or got <= 0 or len(trials) == rounds:
             break
-        if len(trials) >= 2 and trials[-1]["measured_ms"] != trials[-2]["measured_ms"]:
+        if len(trials) >= 2:
             (a0, m0), (a1, m1) = ((t["asked_ms"], t["measured_ms"]) for t in trials[-2:])
-            ask = a1 + (goal_ms - m1) * (a1 - a0) / (m1 - m0)
-        else:
-            ask *= goal_ms / got
+            if m0 > goal_ms and a1 <= 0.95 * a0 and m1 >= 0.99 * m0:
+                trials[-1]["flat"] = True  # the latency stopped falling: more cuts would only remove MACs
+                break
+        ask = _next_ask([*known, *((t["asked_ms"], t["measured_ms"]) for t in trials)], goal_ms)
+        if floor_ms is not None:
+            if ask <= floor_ms and trials[-1]["asked_ms"] <= floor_ms:
+                break  # already at the floor
+            ask = max(ask, floor_ms)
         if ask <= 0:
             break
         plan = replan(ask)
@@ -386,3 +509,28 @@ def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds:
         return plan, trials
     trials[best[2]]["chosen"] = True
     return best[1], trials
+
+
+def _next_ask(points: list[tuple[float, float]], goal: float) -> float:
+    """The next predicted latency to ask the allocator for, from the (asked, measured) pairs so far (all > 0).
+
+    Real latency against the asked one is monotone but curved (convex: thin layers keep fixed costs), close to a
+    power law, so steps are taken in log-log space. Once the goal is bracketed, by the pair measured nearest
+    below it and the one nearest above (in ``prune`` the dense and floor pairs bracket it from the start):
+    interpolation between them, which stays inside the bracket whatever the noise (a secant through two pairs on
+    one side of a convex curve overshoots). Before that: the log-log secant through the two pairs measured
+    nearest the goal when its slope is positive, else the nearest ask scaled by goal / measured, at most halving
+    or doubling it."""
+    below = [p for p in points if p[1] < goal]
+    above = [p for p in points if p[1] > goal]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        return a0 * (a1 / a0) ** (math.log(goal / m0) / math.log(m1 / m0))
+    near = sorted(points, key=lambda p: abs(math.log(p[1] / goal)))
+    a1, m1 = near[0]
+    ask = a1 * goal / m1
+    if len(near) >= 2:
+        a0, m0 = near[1]
+        if a0 != a1 and m0 != m1 and math.log(m1 / m0) / math.log(a1 / a0) > 0:
+            ask = a1 * (goal / m1) ** (math.log(a1 / a0) / math.log(m1 / m0))
+    return min(max(ask, a1 / 2), 2 * a1)

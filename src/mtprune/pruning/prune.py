@@ -28,7 +28,7 @@ from .allocate import Plan, group_round_to, plan_for_cost, plan_removal
 from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
-from .latency import LatencySetting, close_the_loop, hardware_round_to, latency_model, measure_model_ms
+from .latency import LatencySetting, PairedTimer, check_floor, close_the_loop, hardware_round_to, latency_model
 from .stats import StatisticsEngine, static_stats
 
 
@@ -244,7 +244,8 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     if crit.needs_data and (data is None or losses is None) and engine is None:
         raise MTPruneInputError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
     graph_kw = {"protected": tuple(protected), "parts": parts, "min_channels": 1}
-    graph = graph or PruningGraph(model, example_inputs, **graph_kw)
+    # the traced forward also counts every layer's MACs, for the cost model below
+    graph = graph or PruningGraph(model, example_inputs, **graph_kw, record_layers=allocator not in LOOP_ALLOCATORS)
     if crit.needs_data and losses is not None and engine is None:
         check_all_losses(graph.tasks, losses, crit.name)
     ratios = dict(part_ratios or {})
@@ -262,7 +263,7 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
             model, example_inputs, crit, target={name: value}, data=data, losses=losses, batches=batches,
             min_channels=min_channels, round_to=round_to, part_ratios=part_ratios, seed=seed, graph=graph,
             engine=engine, settings=pagcp, latency=lat_setting)
-    cost = CostModel(model, example_inputs, graph)  # one forward: every later trial is costed from widths
+    cost = CostModel(model, example_inputs, graph)  # the traced forward's counts: trials are costed from widths
     params0, macs0 = cost.params_total, cost.macs_total
     widths0 = graph.widths()
     rounding = group_round_to(graph.groups, {n: s.kind for n, s in cost.layers.items()},
@@ -295,18 +296,33 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
                                      **plan_kw)
             return search_fraction(graph, scores, lat.predict, ms, plan_kw, tolerance)[0]
 
-        plan, trials = replan(goal), []
-        if lat_setting.feedback and lat_setting.table is None:  # real timings correct what the table misses
-            def measure(p: Plan) -> float:
-                trial = copy.deepcopy(model)
-                _apply(trial, example_inputs, _plan_by_root(graph, p), **graph_kw)
-                return measure_model_ms(trial, example_inputs, lat_setting)
+        # real timings correct what the table misses: each pruned configuration is timed alongside the dense model
+        timer = PairedTimer(model, example_inputs, lat_setting) if lat_setting.feedback and lat_setting.table is None \
+            else None
 
-            plan, trials = close_the_loop(goal, plan, replan, measure, lat_setting.feedback)
+        def measure(p: Plan) -> float:  # the ratio to the dense model, in ms on the goal's scale
+            trial = copy.deepcopy(model)
+            _apply(trial, example_inputs, _plan_by_root(graph, p), **graph_kw)
+            t = timer(trial)
+            return t["ratio"] * (lat.dense_ms if name == "target_latency" else t["reference_ms"])
+
+        # the floor: every prunable layer at its minimum width; a goal below it is refused, not cut to the bone
+        thinnest = plan_removal(graph.groups, scores, 1.0, **{**plan_kw, "mode": "layer"})
+        floor = {"predicted_ms": lat.predict(thinnest)}
+        if timer is not None:  # timed: thin layers' fixed costs are what the table knows least
+            floor["measured_ms"] = measure(thinnest)
+        check_floor(name, value, goal, floor, lat.dense_ms, min_channels)
+        plan, trials = replan(goal), []
+        if timer is not None:
+            plan, trials = close_the_loop(goal, plan, replan, measure, lat_setting.feedback,
+                                          floor_ms=floor["predicted_ms"],
+                                          known=[(lat.dense_ms, lat.dense_ms), (floor["predicted_ms"],
+                                                                                 floor["measured_ms"])])
         fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
         predicted = lat.predict(plan)
         extra["latency"] = {**lat.describe(), "goal_ms": goal, "predicted_ms": predicted,
-                            "predicted_ratio": predicted / lat.dense_ms, "feedback": trials}
+                            "predicted_ratio": predicted / lat.dense_ms, "feedback": trials,
+                            "floor": {**floor, "predicted_ratio": floor["predicted_ms"] / lat.dense_ms}}
         reached = next((t["measured_ms"] for t in trials if t.get("chosen")), predicted)
         if abs(reached - goal) > max(10 * tolerance, 0.05) * goal:
             what = "measured" if trials else "predicted"

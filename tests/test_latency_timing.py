@@ -1,0 +1,96 @@
+"""The one timing function of latency targets and of ``mtprune bench speed`` (pruning/latency.interleaved_times,
+median_ratios, PairedTimer). Deterministic: a fake clock advanced by the functions (or models) themselves, so
+nothing is timed for real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtprune.pruning.latency import LatencySetting, PairedTimer, interleaved_times, median_ratios
+from mtprune.utils.errors import MTPruneInputError
+
+
+class FakeClock:
+    """Seconds that advance only when a timed function says so; ``load`` multiplies every cost (drift)."""
+
+    def __init__(self) -> None:
+        self.now, self.load, self.log = 0.0, 1.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, name: str, ms: float) -> None:
+        self.log.append(name)
+        self.now += ms * self.load / 1e3
+
+
+def test_rounds_alternate_and_each_timed_call_follows_a_warm_one():
+    clock = FakeClock()
+    fns = {"a": lambda: clock.run("a", 10.0), "b": lambda: clock.run("b", 4.0)}
+    times = interleaved_times(fns, 3, clock=clock)
+    # round 0: a b, round 1: b a (reversed), round 2: a b; each timed call right after an untimed one of itself
+    assert clock.log == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert times == {"a": [pytest.approx(10.0)] * 3, "b": [pytest.approx(4.0)] * 3}
+    clock.log.clear()
+    interleaved_times(fns, 2, warm=0, clock=clock)
+    assert clock.log == ["a", "b", "b", "a"]
+
+
+def test_ratio_measured_alongside_survives_load_drift():
+    """Load doubles every round: absolute times drift 8×, the per-round ratio does not move."""
+    clock = FakeClock()
+
+    def slow_down():  # called first in each round (even rounds: ``a`` is first; odd ones: ``b``)
+        clock.load *= 2
+
+    fns = {"a": lambda: clock.run("a", 10.0), "b": lambda: clock.run("b", 4.0)}
+    rounds = []
+
+    def first(name):
+        def fn():
+            if not rounds or rounds[-1] != len(clock.log) // 4:
+                rounds.append(len(clock.log) // 4)
+                slow_down()
+            fns[name]()
+        return fn
+
+    times = interleaved_times({"a": first("a"), "b": first("b")}, 4, clock=clock)
+    assert max(times["a"]) / min(times["a"]) == pytest.approx(8.0)  # the absolute figure is useless here
+    assert median_ratios(times, "a") == {"a": pytest.approx(1.0), "b": pytest.approx(0.4)}
+
+
+def test_bad_rounds_are_refused():
+    with pytest.raises(MTPruneInputError, match="rounds"):
+        interleaved_times({"a": lambda: None}, 0)
+
+
+CLOCK = FakeClock()  # module-level: the models below find it by name, so copies of them share it
+
+
+class Costly(nn.Module):
+    """A model whose forward 'takes' ``ms`` on the fake clock (its width sets the cost)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        CLOCK.run(f"w{self.conv.out_channels}", float(self.conv.out_channels))
+        return {"seg": self.conv(x)}
+
+
+def test_paired_timer_times_candidate_against_the_reference_alongside():
+    CLOCK.log.clear()
+    setting = LatencySetting(batch=2)
+    dense = Costly(20)
+    timer = PairedTimer(dense, torch.zeros(1, 3, 4, 4), setting, rounds=3, clock=CLOCK)
+    assert timer.inputs.shape == (2, 3, 4, 4) and float(timer.inputs.abs().sum()) > 0  # the batch, not zeros
+    CLOCK.load = 3.0  # a loaded machine: both models slow down alike
+    got = timer(Costly(5))
+    assert got["ratio"] == pytest.approx(0.25)
+    assert got["reference_ms"] == pytest.approx(60.0) and got["candidate_ms"] == pytest.approx(15.0)
+    assert CLOCK.log == ["w20", "w20", "w5", "w5", "w5", "w5", "w20", "w20", "w20", "w20", "w5", "w5"]
+    assert timer.reference is not dense  # the caller's model is not moved or changed
+    CLOCK.load = 1.0
