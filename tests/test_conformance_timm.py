@@ -16,60 +16,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtprune.io import load, save
 from mtprune.measure import profile
+from mtprune.models.zoo_wrap import EITHER, PRUNES, TIMM, TwoHeads, build, synthetic_data
 from mtprune.pruning.criteria import CRITERIA
 from mtprune.pruning.prune import prune
 from mtprune.utils.errors import MTPruneInputError
 
-timm = pytest.importorskip("timm")
-FEATURES = 8  # the backbone's classifier width, read by both heads
-PRUNES, EITHER = "prunes", "prunes or refuses"  # expected outcomes; anything else is a refusal message pattern
-
-
-class TwoHeads(nn.Module):
-    """A classifier as the shared backbone of two tasks (3-way and 2-way) reading its 8-way output."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.heads = nn.ModuleDict({"a": nn.Linear(FEATURES, 3), "b": nn.Linear(FEATURES, 2)})
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        f = self.backbone(x)
-        return {k: h(f) for k, h in self.heads.items()}
-
-
-def _timm(name: str, **kw) -> Callable[[], nn.Module]:
-    return lambda: timm.create_model(name, pretrained=False, num_classes=FEATURES, **kw)
-
-
-def _resnet18() -> nn.Module:
-    tv = pytest.importorskip("torchvision")
-    return tv.models.resnet18(num_classes=FEATURES)
-
-
-# name -> (constructor, input size, expected outcome)
-CASES: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
-    "tv_resnet18": (_resnet18, 32, PRUNES),
-    "mobilenetv3_small_100": (_timm("mobilenetv3_small_100"), 32, PRUNES),
-    "convnext_atto": (_timm("convnext_atto"), 32, PRUNES),
-    "resnet26d": (_timm("resnet26d"), 32, PRUNES),
-    "tf_efficientnet_lite0": (_timm("tf_efficientnet_lite0"), 32, PRUNES),
-    "regnetx_002": (_timm("regnetx_002"), 32, PRUNES),
-    "ghostnet_050": (_timm("ghostnet_050"), 32, PRUNES),
-    "rexnet_100": (_timm("rexnet_100"), 32, PRUNES),
-    "mixer_s16_224 (32 px)": (_timm("mixer_s16_224", img_size=32), 32, PRUNES),
-    "deit_tiny_patch16_224 (32 px)": (_timm("deit_tiny_patch16_224", img_size=32), 32, PRUNES),
-    "mobilevit_xxs": (_timm("mobilevit_xxs"), 64, PRUNES),
-    # LeViT's attention biases are indexed by position; some plans break its forward and are undone
-    "levit_128s (64 px)": (_timm("levit_128s", img_size=64), 64, EITHER),
-    # PoolFormer's layer scale is a parameter reshaped with .view(-1, 1, 1), which Torch-Pruning cannot map
-    "poolformer_s12": (_timm("poolformer_s12"), 32, "breaks the model .*the model is unchanged"),
-}
+pytest.importorskip("timm")
+# name -> (constructor, input size, expected outcome); the models are shared with `mtprune bench conformance`
+CASES: dict[str, tuple[Callable[[], nn.Module], int, str]] = {n: (c.make, c.size, c.expect) for n, c in TIMM.items()}
 EVERY = sorted(CRITERIA)
 FAST_ALL = ("tv_resnet18", "mobilenetv3_small_100", "convnext_atto")  # every criterion, in the default run
 
@@ -85,17 +43,11 @@ def _grid() -> list:
 
 
 def _build(name: str) -> tuple[TwoHeads, Tensor]:
-    make, size, _ = CASES[name]
-    torch.manual_seed(0)
-    return TwoHeads(make()).eval(), torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return build(TIMM[name])
 
 
-def _data(model: nn.Module, x: Tensor) -> tuple[list, dict]:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        out = model(x)
-    targets = {k: torch.randint(0, v.shape[1], (x.shape[0],), generator=g) for k, v in out.items()}
-    return [(x, targets)], {k: F.cross_entropy for k in targets}
+def _data(model: TwoHeads, x: Tensor) -> tuple[list, dict]:
+    return synthetic_data(model, x)
 
 
 @pytest.mark.parametrize(("name", "criterion"), _grid())

@@ -15,122 +15,30 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtprune.io import load, save
 from mtprune.measure import profile
+from mtprune.models.zoo_wrap import TORCHVISION, TORCHVISION_REFUSED, TwoHeads, build, synthetic_data
 from mtprune.pruning.prune import prune
 from mtprune.utils.errors import MTPruneInputError
 
-tv = pytest.importorskip("torchvision")
-models, seg = tv.models, tv.models.segmentation
-FEATURES = 8  # the backbone's own classifier / segmentation output width, read by both heads
-
-
-class TwoHeads(nn.Module):
-    """A torchvision model as the shared backbone of two tasks: two classifiers, or a 3-class segmentation and a
-    depth head on the segmentation output."""
-
-    def __init__(self, backbone: nn.Module, dense: bool) -> None:
-        super().__init__()
-        self.backbone, self.dense = backbone, dense
-        layer = (lambda c: nn.Conv2d(FEATURES, c, 1)) if dense else (lambda c: nn.Linear(FEATURES, c))
-        self.heads = nn.ModuleDict({"a": layer(3), "b": layer(1 if dense else 2)})
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        f = self.backbone(x)
-        f = f["out"] if self.dense else f
-        return {k: h(f) for k, h in self.heads.items()}
-
-
-def _narrow(net: nn.Module, width: int) -> nn.Module:
-    """VGG / AlexNet with the classifier narrowed (its 4096-wide layers would dominate the suite's time); the same
-    dropout-linear-ReLU pattern, read after global pooling."""
-    net.avgpool = nn.AdaptiveAvgPool2d(1)
-    net.classifier = nn.Sequential(nn.Dropout(), nn.Linear(width, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 64),
-                                   nn.ReLU(), nn.Linear(64, FEATURES))
-    return net
-
-
-def _efficientnet_v2() -> nn.Module:
-    """EfficientNetV2's two block kinds (fused MBConv, then MBConv with squeeze-excitation), one block per stage."""
-    eff = models.efficientnet
-    setting = [eff.FusedMBConvConfig(1, 3, 1, 16, 16, 1), eff.FusedMBConvConfig(4, 3, 2, 16, 32, 1),
-               eff.MBConvConfig(4, 3, 2, 32, 48, 1), eff.MBConvConfig(6, 3, 1, 48, 64, 1)]
-    return models.EfficientNet(setting, dropout=0.2, num_classes=FEATURES, last_channel=128)
-
-
-def _convnext() -> nn.Module:
-    cfg = models.convnext.CNBlockConfig
-    return models.ConvNeXt([cfg(16, 32, 1), cfg(32, 64, 1), cfg(64, None, 1)], num_classes=FEATURES)
-
-
-def _resnet(block: str, **kw) -> Callable[[], nn.Module]:
-    cls = getattr(models.resnet, block)
-    return lambda: models.ResNet(cls, [1, 1, 1, 1], num_classes=FEATURES, **kw)
-
-
-def _seg(fn: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
-    return lambda: fn(weights=None, weights_backbone=None, num_classes=FEATURES, aux_loss=False)
-
-
-# name -> (constructor, dense output?, input size, fast?)
+pytest.importorskip("torchvision")
+FAST = {"resnet18", "mobilenet_v3_small", "squeezenet1_1", "densenet (2-2-2-2 blocks)",
+        "vit (2 layers, width 32, 4 heads)"}
+# name -> (constructor, dense output?, input size, fast?); the models are shared with `mtprune bench conformance`
 CASES: dict[str, tuple[Callable[[], nn.Module], bool, int, bool]] = {
-    "resnet18": (lambda: models.resnet18(num_classes=FEATURES), False, 32, True),
-    "mobilenet_v3_small": (lambda: models.mobilenet_v3_small(num_classes=FEATURES), False, 32, True),
-    "mnasnet0_5": (lambda: models.mnasnet0_5(num_classes=FEATURES), False, 32, False),
-    "squeezenet1_1": (lambda: models.squeezenet1_1(num_classes=FEATURES), False, 32, True),
-    "densenet (2-2-2-2 blocks)": (lambda: models.DenseNet(8, (2, 2, 2, 2), 16, num_classes=FEATURES), False, 32,
-                                  True),
-    "lraspp_mobilenet_v3_large": (_seg(seg.lraspp_mobilenet_v3_large), True, 32, False),
-    "resnet50 (bottleneck, 1 block/stage)": (_resnet("Bottleneck"), False, 32, False),
-    "resnext50_32x4d (1 block/stage)": (_resnet("Bottleneck", groups=32, width_per_group=4), False, 32, False),
-    "mobilenet_v2": (lambda: models.mobilenet_v2(num_classes=FEATURES, width_mult=0.5), False, 32, False),
-    "efficientnet_b0": (lambda: models.efficientnet_b0(num_classes=FEATURES), False, 32, False),
-    "efficientnet_v2 (4 stages, 1 block each)": (_efficientnet_v2, False, 32, False),
-    "regnet_x_400mf": (lambda: models.regnet_x_400mf(num_classes=FEATURES), False, 32, False),
-    "regnet_y_400mf": (lambda: models.regnet_y_400mf(num_classes=FEATURES), False, 32, False),
-    "googlenet": (lambda: models.googlenet(num_classes=FEATURES, aux_logits=False, init_weights=False), False, 32,
-                  False),
-    "inception_v3": (lambda: models.inception_v3(num_classes=FEATURES, aux_logits=False, init_weights=False),
-                     False, 75, False),
-    "alexnet (narrow classifier)": (lambda: _narrow(models.alexnet(), 256), False, 64, False),
-    "vgg11_bn (narrow classifier)": (lambda: _narrow(models.vgg11_bn(), 512), False, 32, False),
-    "convnext (16-32-64, 1 block/stage)": (_convnext, False, 32, False),
-    "deeplabv3_mobilenet_v3_large": (_seg(seg.deeplabv3_mobilenet_v3_large), True, 32, False),
-    "fcn_resnet50": (_seg(seg.fcn_resnet50), True, 32, False),
-    "vit (2 layers, width 32, 4 heads)": (lambda: models.VisionTransformer(32, 8, 2, 4, 32, 64, num_classes=FEATURES),
-                                          False, 32, True),
-}
-WINDOW = "is window attention .*: not supported for structured pruning"
+    n: (c.make, c.dense, c.size, n in FAST) for n, c in TORCHVISION.items()}
 REFUSED: dict[str, tuple[Callable[[], nn.Module], str]] = {
-    # Torch-Pruning 1.6.1 cannot build the dependency graph of its channel shuffle (at any input size)
-    "shufflenet_v2_x0_5": (lambda: models.shufflenet_v2_x0_5(num_classes=FEATURES),
-                           "Torch-Pruning cannot map the channels of TwoHeads"),
-    # window attention: Torch-Pruning's index maps through window partitions do not fit in bounded memory
-    "swin (2 stages, width 16)": (lambda: models.SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2],
-                                                                 num_classes=FEATURES), WINDOW),
-    "maxvit (2 stages, width 16)": (lambda: models.MaxVit((32, 32), 16, 2, [16, 32], [1, 1], 8, 0.0,
-                                                          num_classes=FEATURES), WINDOW),
-}
+    n: (c.make, c.expect) for n, c in TORCHVISION_REFUSED.items()}
 
 
 def _build(name: str) -> tuple[TwoHeads, Tensor]:
-    make, dense, size, _ = CASES[name]
-    torch.manual_seed(0)
-    return TwoHeads(make(), dense).eval(), torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return build(TORCHVISION[name])
 
 
 def _data(model: TwoHeads, x: Tensor) -> tuple[list, dict]:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        out = model(x)
-    if model.dense:
-        targets = {k: torch.randn(v.shape, generator=g) for k, v in out.items()}
-        return [(x, targets)], {"a": F.mse_loss, "b": F.mse_loss}
-    targets = {k: torch.randint(0, v.shape[1], (x.shape[0],), generator=g) for k, v in out.items()}
-    return [(x, targets)], {"a": F.cross_entropy, "b": F.cross_entropy}
+    return synthetic_data(model, x)
 
 
 def _params(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "mfis": "merge_suites",
     "vit": "vit",
     "latency_quality": "latency_quality",
+    "conformance": "conformance",
 }
 # One line per suite for ``mtprune bench --help``.
 DESCRIPTIONS: dict[str, str] = {
@@ -33,6 +34,7 @@ DESCRIPTIONS: dict[str, str] = {
     "pam": "PAM merging (He et al. 2021) on multidigits, LeNet-5 and VGG-16, 2 and 3 tasks",
     "mfis": "MFIS merging (Cheng et al. 2021) against PAM and no merging on multidigits",
     "latency_quality": "Δm at equal latency (latency target) against equal MACs, fine-tuned alike, criteria testbed",
+    "conformance": "every criterion on every torchvision/timm model of the conformance list, against Torch-Pruning",
     "vit": "head-aware ViT pruning (l1, taylor) against Torch-Pruning's ViT recipe at equal MACs, on multidigits",
 }
 SCALES = ("small", "cpu", "gpu")  # every suite's --scale choices
