@@ -511,3 +511,27 @@ def test_statistics_follow_channel_maps_through_concat() -> None:
         trial = copy.deepcopy(model)
         mtprune.prune(trial, x, name, channel_ratio=0.3, data=[(x, targets)], losses=losses, min_channels=1)
         trial(x)["u"].sum().backward()
+
+
+def test_a_criterion_that_applies_to_no_group_says_why_and_changes_nothing():
+    from torch import nn
+
+    import mtprune
+
+    class NoNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+            self.a, self.b = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            h = self.c2(self.c1(x).relu()).relu()
+            return {"a": self.a(h), "b": self.b(h)}
+
+    torch.manual_seed(0)
+    model, x = NoNorm(), torch.randn(1, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MTPruneInputError, match="'bn_scale' applies to none of this model's 2 channel groups "
+                                                r"\(it scores a group by its normalisation layer's scale"):
+        mtprune.prune(model, x, "bn_scale", target_macs=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

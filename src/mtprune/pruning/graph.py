@@ -710,7 +710,8 @@ class PruningGraph:
         except (RuntimeError, IndexError, ValueError) as err:
             _restore(saved[0])
             self.__dict__.update(saved[1])
-            names = ", ".join(self.groups[gi].root for gi in clean)
+            listed = [self.groups[gi].root for gi in clean]
+            names = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise MTPruneInputError(f"pruning the groups of {names} breaks the model ({first}); the model is "
                                     "unchanged: protect these layers or leave their groups out of the plan") from err

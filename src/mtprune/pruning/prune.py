@@ -273,6 +273,9 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     scores = criterion_scores(model, graph, crit, engine=engine)
     if not scores:
         why = next(iter(graph.skipped.items()), None)
+        if graph.groups and not any(crit.applies_to(g) for g in graph.groups):
+            raise MTPruneInputError(f"criterion {crit.name!r} applies to none of this model's {len(graph.groups)} "
+                                    f"channel groups ({crit.requirement}); choose another criterion")
         raise MTPruneInputError(f"criterion {crit.name!r} found no prunable channel group in this model" + (
             f"; no group can be pruned safely (e.g. {why[0]}: {why[1]})" if why else ""))
     if normalize not in (None, "none", "mean"):

@@ -21,6 +21,8 @@ class Criterion:
     needs: ClassVar[frozenset[str]] = frozenset()
     # how global ranking compares groups: "none" ranks raw scores, "mean" divides each group's scores by their mean
     normalize: ClassVar[str] = "none"
+    # which groups ``applies_to`` accepts, in words (for the refusal when it accepts none of a model's groups)
+    requirement: ClassVar[str] = "any channel group"
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

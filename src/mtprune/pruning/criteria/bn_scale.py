@@ -14,6 +14,7 @@ from .base import Criterion
 
 class BNScale(Criterion):
     name = "bn_scale"
+    requirement = "it scores a group by its normalisation layer's scale, and no group has one"
 
     def applies_to(self, group: ChannelGroup) -> bool:
         return bool(group.norms)

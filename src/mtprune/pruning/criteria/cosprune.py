@@ -28,6 +28,7 @@ def mean_pairwise_cosine(grads: list[Tensor]) -> Tensor:
 
 class CosPrune(Criterion):
     name = "cosprune"
+    requirement = "only shared backbone filters have two tasks' gradients to compare, and no group is in the backbone"
     needs = frozenset({TASK_WEIGHT_GRADS})
 
     def applies_to(self, group: ChannelGroup) -> bool:
