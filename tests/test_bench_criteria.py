@@ -164,3 +164,19 @@ def test_quick_suite_runs_every_stage(tmp_path, env):
     proc = launch(env, log, "bench", "quick", "--out", run, "--threads", "1", "--resume")
     assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
     assert json.loads((run / "results.json").read_text())["criteria"] == json.loads(json.dumps(summary))
+
+
+def test_gather_writes_partial_tables_from_finished_entries_and_runs_nothing(tmp_path):
+    out = tmp_path / "criteria"
+    criteria.run(scale="small", out=out, threads=1, methods=["l1"], pools=("all",))
+    entries = out / "entries"
+    (entries / "l1_0.5_s0.json").unlink()  # as if the suite had been stopped before this entry
+    before = sorted(p.name for p in entries.glob("*.json"))
+    result = criteria.run(scale="small", out=out, threads=1, methods=["l1"], pools=("all",), gather=True)
+    assert sorted(p.name for p in entries.glob("*.json")) == before  # nothing ran
+    assert result["partial"] and [r["method"] for r in result["rows"]] == [criteria.DENSE_FT]
+    assert "**Partial** (`--gather`): the 1 method entries finished so far" in (out / "results.md").read_text()
+    for name in before:
+        (entries / name).unlink()
+    with pytest.raises(MTPruneInputError, match="criteria --gather: no finished entries"):
+        criteria.run(scale="small", out=out, threads=1, methods=["l1"], pools=("all",), gather=True)

@@ -140,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the suite")
     bench.add_argument("--resume", action="store_true",
                        help="keep the entries that already finished (only ones made at the same --scale)")
+    bench.add_argument("--gather", action="store_true",
+                       help="run nothing: write the tables from the entries finished so far (criteria)")
     bench.add_argument("--seeds", type=seed_list, default=None,
                        help="run only these seeds, comma-separated (suites with seeds: criteria, garg2023, "
                             "disparse2022); processes with disjoint seeds may share one results folder, and a "

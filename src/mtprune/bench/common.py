@@ -39,17 +39,18 @@ class Entries:
     from its last completed entry (``mtprune bench SUITE --resume``); without ``--resume`` every entry reruns.
     """
 
-    def __init__(self, folder: Path, *, resume: bool) -> None:
+    def __init__(self, folder: Path, *, resume: bool, stored_only: bool = False) -> None:
         self.folder = Path(folder) / "entries"
-        self.resume = resume
+        self.resume = resume or stored_only
+        self.stored_only = stored_only  # gather: return the finished entries, run nothing (a missing one: None)
 
     def path(self, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
         return self.folder / f"{safe}.json"
 
-    def get(self, key: str, fn: Callable[[], dict], fingerprint: str | None = None) -> dict:
+    def get(self, key: str, fn: Callable[[], dict], fingerprint: str | None = None) -> dict | None:
         """With ``fingerprint`` (a digest of the entry's settings), a stored entry is reused only when it was
-        computed with the same one; the result is stored with it."""
+        computed with the same one; the result is stored with it. With ``stored_only``, a missing entry is None."""
         path = self.path(key)
         if self.resume and path.is_file():
             try:
@@ -58,6 +59,8 @@ class Entries:
                     return stored
             except json.JSONDecodeError:
                 pass  # a damaged entry is recomputed (writes are atomic, so only a hand edit gets here)
+        if self.stored_only:
+            return None
         result = fn() if fingerprint is None else {**fn(), "fingerprint": fingerprint}
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)

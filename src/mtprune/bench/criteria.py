@@ -166,15 +166,16 @@ class _Setup(SuiteData):
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
 
-def settled_dense(entries: Entries, setup: _Setup, resume: bool, ft_epochs: int) -> tuple[dict, tuple]:
+def settled_dense(entries: Entries, setup: _Setup, resume: bool, ft_epochs: int) -> tuple[dict | None, tuple]:
     """The seed's settled dense model (trained once, resumable) and its entry; returns (entry, base), ``base``
-    being the settings every entry resting on that model fingerprints."""
+    being the settings every entry resting on that model fingerprints (entry None: not finished, when gathering)."""
     base = (SUITE_VERSION, setup.cfg.model_dump(mode="json"))
     trained_fp = fingerprint(*base)  # the dense training's checkpoints
     base = (*base, "settled", ft_epochs, FT_LR_FACTOR)
     seed = setup.cfg.seed
     entry = entries.get(f"dense_s{seed}", lambda: setup.dense(resume, trained_fp, ft_epochs), fingerprint(*base))
-    if not setup.dense_path.is_file():  # the entry survived but its model did not: retrain it
+    if entry is not None and not setup.dense_path.is_file() and not entries.stored_only:
+        # the entry survived but its model did not: retrain it
         entry = setup.dense(resume, trained_fp, ft_epochs)
     return entry, base
 
@@ -258,10 +259,11 @@ def _entry_key(method: str, target: float, seed: int, pool: str) -> str:
 
 def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = False,
         methods: list[str] | None = None, pools: tuple[str, ...] = POOLS, seeds: tuple[int, ...] | None = None,
-        **_) -> dict:
+        gather: bool = False, **_) -> dict:
     """Run the suite; writes results.json, results.md, credibility.json and figures under
     ``benchmarks/results/criteria``. ``seeds`` runs a subset of the scale's seeds (parallel processes on disjoint
-    seeds can share the folder; a final ``resume`` run without ``seeds`` gathers them)."""
+    seeds can share the folder; a final ``resume`` run without ``seeds`` gathers them). ``gather`` runs nothing:
+    it writes the tables from the entries finished so far (a suite still running, or stopped), marked partial."""
     if scale not in SCALES:
         raise MTPruneInputError(f"criteria: scale must be one of {sorted(SCALES)}, got {scale!r}")
     unknown = sorted(set(pools) - set(POOLS))
@@ -271,7 +273,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         torch.set_num_threads(threads)
     folder = results_dir("criteria", out)
     runs = folder / "runs"
-    entries = Entries(folder, resume=resume)
+    entries = Entries(folder, resume=resume, stored_only=gather)
     _, targets, scale_seeds, ft_epochs = SCALES[scale]
     seeds = tuple(seeds) if seeds else scale_seeds
     unknown = sorted(set(methods or ()) - set(METHODS))
@@ -282,6 +284,9 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
     for seed in seeds:
         setup = _Setup(_config(scale, seed), runs)
         dense[seed], base = settled_dense(entries, setup, resume, ft_epochs)
+        if dense[seed] is None:  # gathering, and this seed's dense model is not finished
+            del dense[seed]
+            continue
         for crit in gradient_criteria(methods):
             halves.append(entries.get(f"split_half_{crit}_s{seed}", lambda s=setup, c=crit: _split_half(s, c),
                                       fingerprint(*base, STATS_BATCHES, STATS_BATCH_SIZE, crit,
@@ -300,6 +305,9 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
                                      METHODS.get(method), pool)
                     rows.append(entries.get(key, lambda m=method, t=target, d=run_dir, s=setup, p=pool:
                                             _run_method(s, m, t, ft_epochs, d, p), fp))
+    rows, halves = [r for r in rows if r is not None], [h for h in halves if h is not None]
+    if not rows:
+        raise MTPruneInputError(f"criteria --gather: no finished entries in {entries.folder}")
     by_pool = {pool: [r for r in rows if r.get("pool", "all") in (pool, "control")] for pool in pools}
     result = {"suite": "criteria", "scale": scale, "machine": machine(), "config": _config(scale, 0).model_dump(),
               "finetune_epochs": ft_epochs, "finetune_lr_factor": FT_LR_FACTOR,
@@ -307,7 +315,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
               "seeds": list(seeds), "dense": {str(k): v for k, v in dense.items()}, "rows": rows,
               "summary": summarise(by_pool.get("all", [r for r in rows if r["method"] == DENSE_FT])),
               "summary_backbone": summarise(by_pool["backbone"]) if "backbone" in by_pool else {},
-              "split_half": halves}
+              "split_half": halves, "partial": gather}
     result["credibility"] = write_credibility(folder, rows, halves)
     atomic_write_json(folder / "results.json", result)
     plot_delta_m(result["summary"], folder / "delta_m_vs_macs.png")
@@ -432,6 +440,9 @@ def markdown(r: dict) -> str:
         f"{m['device']}, torch {m['torch']}, {m['date']}. One-shot pruning to each MACs target, then "
         f"{r['finetune_epochs']} fine-tuning epochs at {r.get('finetune_lr_factor', 0.25):g} × the dense learning "
         "rate for every method (last epoch, no selection on validation).", "",
+        *([f"**Partial** (`--gather`): the {len(r['rows'])} method entries finished so far; each cell averages the "
+           "seeds it has (the `seeds_min` line of the credibility section gives the fewest).", ""]
+          if r.get("partial") else []),
         f"Dense (seed {min(r['dense'], key=int)}): {dense0['params'] / 1e6:.2f} M params, "
         f"{dense0['macs'] / 1e6:.1f} M MACs; "
         + "; ".join(f"{t}: " + ", ".join(f"{k} {v:.3f}" for k, v in dense0["metrics"][t].items()) for t in tasks),
