@@ -138,6 +138,49 @@ def test_presence_entries_in_both_suites(suites):
                                   and pam["no_merge_over_pam_single_task_min"] >= 1.0)
     text = "\n".join(M._render_presence({**pam, "runs": digests}))
     assert "Issue 16's targets" in text and ("**met**" if pam["targets_met"] else "**not met**") in text
+    # PAM's per-task continuation after the joint ladder, and the joint-only figures beside it
+    b = pam_run["budgets"]["pam"]
+    assert entry["settings"] and M.PRESENCE_PAM_LADDER == "per_task" and b["budget_met"]
+    assert set(b["per_task"]) == {"low", "high"} and b["joint"]["fraction"] >= b["fraction"]
+    joint = pam_run["pam_joint"]
+    assert joint["no_merge_over_pam"]["low+high"] == pytest.approx(pam["joint_only"]["no_merge_over_pam_all_tasks"])
+    assert "The joint ladder alone" in text and "per-task walks" in text
+
+
+def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
+    """Changing how PAM is pruned (``prune.per_task``) reruns the PAM entry reusing its no merging and naive
+    results (and their training logs), and keeps the MFIS entry of the same networks."""
+    import shutil
+
+    out, _ = suites
+    mfis = shutil.copytree(out, tmp_path / "mfis")
+    old = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    logs = sorted(p.relative_to(mfis) for p in (mfis / "pam" / "presence_lenet_s0" / "prune" / "no_merge").rglob("*"))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("reuse"))
+        return run_merge(*args, **kwargs)
+
+    def boom(*a, **k):
+        raise RuntimeError("MFIS recomputed")
+
+    monkeypatch.setattr(M, "run_merge", spy)
+    monkeypatch.setattr(M, "run_from_config", boom)
+    monkeypatch.setattr(M, "PRESENCE_PAM_LADDER", "joint")
+    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0])
+    new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    assert len(seen) == 1 and seen[0] == old["summary"]  # recomputed once, from the old entry's no merging / naive
+    assert new["fingerprint"] != old["fingerprint"] and new["base_fingerprint"] == old["base_fingerprint"]
+    assert new["reused_from"] == old["fingerprint"] and new["summary"]["reused"] == ["no_merge", "naive"]
+    for key in ("no_merge", "naive"):
+        assert new["summary"]["budgets"][key] == old["summary"]["budgets"][key]
+        column = f"{key}_macs"
+        assert [r[column] for r in new["summary"]["table"]] == [r[column] for r in old["summary"]["table"]]
+    assert "per_task" not in new["summary"]["budgets"]["pam"] and "pam_joint" not in new["summary"]  # joint only
+    assert [r["subset"] for r in new["summary"]["table"]] == ["low", "high", "low+high"]
+    assert logs == sorted(p.relative_to(mfis) for p in (mfis / "pam" / "presence_lenet_s0" / "prune" / "no_merge")
+                          .rglob("*"))
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -12,6 +12,11 @@ same settings (or runs it, storing it with the ``pam`` results).
 Both suites also run the **presence testbed** (issue 16), ``presence_lenet`` over ``PRESENCE_SEEDS``: PAM's own
 kind of task (digit presence, ±1 labels split 0–4 / 5–9, tanh + MSE, LeNet-5; ``configs/merge_pam_presence.yaml``)
 with the permutation-null relevance test, and MFIS choosing the cheapest front point within the accuracy budget.
+There PAM is pruned with a per-task stopping rule (``PRESENCE_PAM_LADDER = "per_task"``, ``prune.per_task``): the
+joint ladder, then each task's exclusive part alone down to its own limit, as no merging prunes each network to
+its own limit; the entry also records where the joint ladder alone stopped (``pam_joint``), and a changed PAM
+ladder reruns only PAM (no merging and naive merging are taken from the stored entry of the same base settings,
+and MFIS's entries, keyed by those base settings, stay).
 Their summaries carry a ``presence_lenet`` entry with the verdicts over the seeds (:func:`presence_digest`,
 :func:`mfis_presence_digest`); the left/right multidigits entries stay as a stress test.
 
@@ -101,6 +106,8 @@ def _dump(cfg: Any) -> str:
     for key in ("relevance", "budget"):
         if key in raw.get("merge", {}) and raw["merge"][key] is None:
             del raw["merge"][key]
+    if not raw.get("prune", {}).get("per_task", True):  # the joint-only ladder: as before the option existed
+        del raw["prune"]["per_task"]
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -109,16 +116,22 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _get(entries: Entries, key: str, fingerprint: str, fn: Callable[[], dict]) -> dict:
-    """``entries.get`` that also drops a stored entry computed with other settings."""
+def _get(entries: Entries, key: str, fingerprint: str, fn: Callable[..., dict], with_previous: bool = False
+         ) -> dict:
+    """``entries.get`` that also drops a stored entry computed with other settings (``with_previous``: after
+    handing it to ``fn(previous=...)``, which may reuse what did not change)."""
     path = entries.path(key)
+    previous = None
     if entries.resume and path.is_file():
         try:
-            if json.loads(path.read_text()).get("fingerprint") != fingerprint:
+            stored = json.loads(path.read_text())
+            if stored.get("fingerprint") != fingerprint:
+                previous = stored
                 path.unlink()
         except json.JSONDecodeError:
             pass
-    return entries.get(key, lambda: {**fn(), "fingerprint": fingerprint})
+    call = (lambda: fn(previous=previous)) if with_previous else fn
+    return entries.get(key, lambda: {**call(), "fingerprint": fingerprint})
 
 
 def strip_weights(run_dir: Path) -> None:
@@ -146,6 +159,27 @@ def _selection(models: Sequence[str] | None, task_sets: Sequence[str] | None) ->
 # ---------------------------------------------------------------------------------------------------------- pam
 
 
+# the run-directory folders of what ``run_merge(reuse=...)`` takes from an earlier run (no merging, naive merging)
+REUSED_DIRS = ("naive", "prune/no_merge", "prune/naive")
+
+
+def _stash(run_dir: Path, names: Sequence[str]):
+    """A temporary copy of ``run_dir``'s folders ``names`` (those that exist), at the same relative paths."""
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="mtprune_reused_")
+    for name in names:
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, Path(tmp.name) / name)
+    return tmp
+
+
+def _base_fingerprint(cfg: Any) -> str:
+    """The fingerprint of ``cfg`` with PAM's joint-only ladder: what the single-task networks, no merging and
+    naive merging depend on (equal to the fingerprint of entries computed before ``prune.per_task``)."""
+    return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"per_task": False})})))
+
+
 def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
     """The fingerprint and the function computing one ``pam`` entry in ``folder/<model>_<task_set>``."""
     cfg = _pam_config(model, task_set, scale, threads)
@@ -154,19 +188,30 @@ def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path
 
 def _merge_entry(cfg: Any, label: str, meta: dict[str, Any], scale: str, folder: Path
                  ) -> tuple[str, Callable[[], dict]]:
-    """The fingerprint and the function running ``mtprune merge`` with ``cfg`` in ``folder/<label>``."""
-    fingerprint = _fingerprint(_dump(cfg))
+    """The fingerprint and the function running ``mtprune merge`` with ``cfg`` in ``folder/<label>``.
 
-    def fn() -> dict:
+    ``fn(previous=entry)``: a stored entry of the same base settings (:func:`_base_fingerprint`: everything but
+    PAM's per-task continuation) lends its no merging and naive results (``run_merge(reuse=...)``), which do not
+    depend on how PAM is pruned, so only PAM's merging and pruning are redone."""
+    fingerprint, base = _fingerprint(_dump(cfg)), _base_fingerprint(cfg)
+
+    def fn(previous: Mapping[str, Any] | None = None) -> dict:
         started = time.perf_counter()
+        reuse = previous["summary"] if previous and previous.get("base_fingerprint",
+                                                                  previous.get("fingerprint")) == base else None
+        kept = _stash(folder / label, REUSED_DIRS) if reuse is not None else None  # their training logs stay
         run_dir = prepare_run_dir(folder / label, overwrite=True)
         singles = prepare_singles(cfg, folder / "runs" / "singles", run_dir / "singles")
         run_cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"singles": str(run_dir / "singles")})})
-        summary = run_merge(run_cfg, run_dir, quiet=True)
+        summary = run_merge(run_cfg, run_dir, quiet=True, reuse=reuse)
         strip_weights(run_dir)
+        if kept is not None:
+            shutil.copytree(kept.name, run_dir, dirs_exist_ok=True)
+            kept.cleanup()
         return {**meta, "tasks": cfg.tasks, "scale": scale, "singles": singles,
                 "seconds": time.perf_counter() - started, "summary": summary,
-                "settings": _pam_settings(cfg)}
+                "settings": _pam_settings(cfg), "base_fingerprint": base,
+                **({"reused_from": previous["fingerprint"]} if reuse is not None else {})}
 
     return fingerprint, fn
 
@@ -176,13 +221,17 @@ PRESENCE = "presence_lenet"
 PRESENCE_CONFIG = "merge_pam_presence.yaml"
 PRESENCE_SEEDS = (0, 1, 2)
 PRESENCE_SCALE: dict[str, list[str]] = {"cpu": [], "small": ["merge.relevance=null"]}  # small: keep every neuron
+# PAM's pruning on the presence testbed: the joint ladder, then each task's exclusive part alone (continuation.py),
+# the per-task stopping rule no merging has; "joint" is the joint-only ladder (the entries before issue 16's rerun)
+PRESENCE_PAM_LADDER = "per_task"
 
 
 def _presence_config(seed: int, scale: str, threads: int):
     if scale not in SCALE_OVERRIDES:
         raise ValueError(f"unknown scale {scale!r} for the merge suites; known: {', '.join(SCALE_OVERRIDES)}")
     overrides = [f"name=pam_{PRESENCE}_s{seed}", f"seed={seed}", f"threads={threads}", f"cost.threads={threads}",
-                 *SCALE_OVERRIDES[scale], *PRESENCE_SCALE[scale]]
+                 *SCALE_OVERRIDES[scale], *PRESENCE_SCALE[scale],
+                 f"prune.per_task={str(PRESENCE_PAM_LADDER == 'per_task').lower()}"]
     return load_merge_config(_config_dir() / PRESENCE_CONFIG, overrides)
 
 
@@ -210,7 +259,8 @@ def presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                     "naive_budget_met": r["budget_met"]["naive"],
                     "naive_over_pam_all_tasks": r["naive_over_pam"][all_key],
                     "pam_fraction_kept": r["fraction_kept"]["pam"],
-                    "pam_ladder": r.get("ladder", {}).get("pam", [])} for k, r in runs.items()}
+                    "pam_ladder": r.get("ladder", {}).get("pam", []),
+                    **_joint_only(r, tasks)} for k, r in runs.items()}
     vals = list(per_seed.values())
     digest = {
         "within_budget": all(v["within_budget"] for v in vals), "seeds": seeds,
@@ -219,11 +269,25 @@ def presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "no_merge_over_pam_single_task_min": min(v["single_task_min"] for v in vals),
         "per_seed": per_seed,
     }
+    if all("joint_all_tasks" in v for v in vals):  # the joint-only ladder on the same runs, for comparison
+        digest["joint_only"] = {"no_merge_over_pam_all_tasks": sum(v["joint_all_tasks"] for v in vals) / len(vals),
+                                "no_merge_over_pam_single_task_min": min(v["joint_single_task_min"] for v in vals)}
     digest["targets_met"] = bool(
         digest["within_budget"] and digest["exclusive_neurons"] > 0
         and digest["no_merge_over_pam_all_tasks"] >= PRESENCE_TARGETS["all_tasks"]
         and digest["no_merge_over_pam_single_task_min"] >= PRESENCE_TARGETS["single_task"])
     return digest
+
+
+def _joint_only(run: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """A per-task run's figures for PAM pruned by the joint ladder alone (where it stopped), and each task's walk
+    on its exclusive part; nothing for a joint-only run."""
+    joint = run.get("pam_joint")
+    if not joint:
+        return {}
+    ratio = joint["no_merge_over_pam"]
+    return {"joint_all_tasks": ratio["+".join(tasks)], "joint_single_task_min": min(ratio[t] for t in tasks),
+            "joint_fraction_kept": joint["fraction"], "pam_per_task_ladder": run["pam_per_task"]}
 
 
 def _sensitivity_entry(model: str, task_set: str, scale: str, threads: int, folder: Path
@@ -296,7 +360,7 @@ def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool 
     results = {}
     for model, task_set in _selection(models, task_sets):
         fingerprint, fn = _pam_entry(model, task_set, scale, threads, folder)
-        results[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}", fingerprint, fn)
+        results[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}", fingerprint, fn, with_previous=True)
     sensitivity = {}
     for model, task_set in _selection(models, task_sets):
         fingerprint, fn = _sensitivity_entry(model, task_set, scale, threads, folder)
@@ -307,7 +371,7 @@ def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool 
         runs = {}
         for seed in seeds:
             fingerprint, fn = _presence_entry(seed, scale, threads, folder)
-            runs[f"s{seed}"] = _get(entries, f"{PRESENCE}_s{seed}", fingerprint, fn)
+            runs[f"s{seed}"] = _get(entries, f"{PRESENCE}_s{seed}", fingerprint, fn, with_previous=True)
         results.update({f"{PRESENCE}_{k}": v for k, v in runs.items()})
         digests = {k: {**_pam_digest(v), "seed": v["seed"]} for k, v in runs.items()}
         summary["entries"][PRESENCE] = {**presence_digest(digests), "runs": digests}
@@ -341,6 +405,8 @@ def _pam_digest(entry: Mapping[str, Any]) -> dict:
         "naive_over_pam": {r["subset"]: r["naive_macs"] / max(r["pam_macs"], 1) for r in s["table"]},
         "partitions": [{k: layer[k] for k in ("name", "dropped", "shared", "exclusive")} for layer in parts["layers"]],
         "ladder": {a: _ladder(b[a]["steps"]) for a in ("naive", "pam")},
+        **({"pam_per_task": {t: _ladder(v) for t, v in b["pam"]["per_task"].items()},
+            "pam_joint": s["pam_joint"]} if "pam_joint" in s else {}),
         "pam_seconds": parts["seconds"], "seconds": entry["seconds"],
         "singles": {t: {k: v[k] for k in ("acc", "seconds", "reused")} for t, v in entry["singles"].items()},
     }
@@ -453,6 +519,23 @@ def _render_presence(e: Mapping[str, Any]) -> list[str]:
                      f"{v['single_task_min']:.2f}× | {v['naive_over_pam_all_tasks']:.2f}× | {v['naive_budget_met']} | "
                      f"{_ladder_text(v.get('pam_ladder', []))} |")
     lines.append("")
+    if "joint_only" in e:
+        j = e["joint_only"]
+        lines += ["PAM is pruned by an ordinary pruner (Taylor-FO, the same ladder, fine-tuning and budget check) "
+                  "with a per-task stopping rule, as no merging prunes each network to its own limit: the joint "
+                  "ladder prunes the whole merged network until the first task leaves the budget; then each task's "
+                  "exclusive part walks the ladder alone (rungs are fractions of its exclusive MACs), the shared "
+                  "trunk and the other branches protected from pruning and frozen, until that task reaches its own "
+                  f"limit. The joint ladder alone (where it stopped, same runs): no merging / PAM "
+                  f"**{j['no_merge_over_pam_all_tasks']:.2f}×** for both tasks (mean), "
+                  f"**{j['no_merge_over_pam_single_task_min']:.2f}×** for a single task (smallest).", "",
+                  "| seed | joint ladder: MAC fraction | joint only: both | joint only: single (min) | "
+                  "per-task walks (fraction of the task's exclusive MACs, budget) |", "|---|---|---|---|---|"]
+        for k, v in e["per_seed"].items():
+            walks = "; ".join(f"{t}: {_ladder_text(w)}" for t, w in v.get("pam_per_task_ladder", {}).items())
+            lines.append(f"| {k} | {v['joint_fraction_kept']:.3f} | {v['joint_all_tasks']:.2f}× | "
+                         f"{v['joint_single_task_min']:.2f}× | {walks} |")
+        lines.append("")
     for k, run in e["runs"].items():
         lines += _render_entry(f"{PRESENCE} {k}", run)
     return lines
@@ -539,7 +622,7 @@ def _mfis_config(cfg, model: str, scale: str, threads: int, singles: Path):
 def _pam_record(model: str, task_set: str, scale: str, threads: int, pam_folder: Path) -> dict:
     """The ``pam`` suite's entry of these settings: stored, or computed now and stored for the ``pam`` suite."""
     fingerprint, fn = _pam_entry(model, task_set, scale, threads, pam_folder)
-    return _get(Entries(pam_folder, resume=True), f"{model}_{task_set}", fingerprint, fn)
+    return _get(Entries(pam_folder, resume=True), f"{model}_{task_set}", fingerprint, fn, with_previous=True)
 
 
 def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
@@ -568,7 +651,7 @@ def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool
         for seed in seeds:
             label = f"{PRESENCE}_s{seed}"
             fingerprint, fn = _presence_entry(seed, scale, threads, pam_folder)
-            pam = _get(Entries(pam_folder, resume=True), label, fingerprint, fn)
+            pam = _get(Entries(pam_folder, resume=True), label, fingerprint, fn, with_previous=True)
             cfg = _presence_config(seed, scale, threads)
             runs[f"s{seed}"] = {"mfis": _mfis_entry(entries, label, PRESENCE, "lenet", cfg, pam, scale, threads,
                                                     folder, pam_folder), "pam": pam}
@@ -591,7 +674,8 @@ def _mfis_entry(entries: Entries, label: str, settings_key: str, model: str, cfg
                 scale: str, threads: int, folder: Path, pam_folder: Path) -> dict:
     """One ``mfis`` entry: MFIS on the single-task networks of the ``pam`` entry ``pam`` (same ``cfg``)."""
     probe = _mfis_config(cfg, settings_key, scale, threads, Path("singles"))
-    fingerprint = _fingerprint(_dump(probe), pam["fingerprint"])
+    # the pam entry's base settings (its networks; not how PAM is pruned), so a new PAM ladder keeps MFIS's entries
+    fingerprint = _fingerprint(_dump(probe), pam.get("base_fingerprint", pam["fingerprint"]))
 
     def fn() -> dict:
         started = time.perf_counter()

@@ -5,10 +5,12 @@ task subset for no merging, naive merging and PAM.
 ``merged_costs``, ``cost_table`` and ``plot_costs`` compare the ways of serving the same tasks. The
 ``mtprune merge CONFIG`` pipeline is in ``merging.experiment`` (``merging.command`` for the CLI).
 ``extract_tasks(merged, subset)`` makes a deployable model of a task subset (``merging.subsets``);
-``merging.relevance`` is the scale-free permutation-null relevance test (``pam(..., relevance="permutation")``).
+``merging.relevance`` is the scale-free permutation-null relevance test (``pam(..., relevance="permutation")``);
+``merging.continuation`` prunes one task's exclusive part of a merged network alone (PAM's per-task ladder).
 """
 
 from .chain import Chain, Stage, read_chain
+from .continuation import exclusive_macs, frozen_except, prune_exclusive
 from .cost import SubsetCost, cost_table, merged_costs, plot_costs, separate_costs, subset_keys
 from .grouping import Partition, irrelevant_set, partition
 from .merged_net import MergedNet, MergedStage, TaskBranch, build_merged, settle
@@ -23,8 +25,9 @@ from .tasks import PresenceTask
 __all__ = [
     "Chain", "LayerRelevance", "LayerReport", "MFISNet", "MFISReport", "MergedNet", "MergedStage", "PAMReport",
     "Partition", "PresenceTask", "Stage", "SubsetCost", "TaskBranch", "build_merged", "collect_batch", "cost_table",
-    "deploy_costs", "extract_tasks", "irrelevant_set", "label_masks", "layer_activations", "load_merged",
+    "deploy_costs", "exclusive_macs", "extract_tasks", "frozen_except",
+    "irrelevant_set", "label_masks", "layer_activations", "load_merged",
     "merge_with_partitions", "merged_costs", "merged_structure", "mfis", "mi_from_distances", "mutual_information",
     "naive_merge", "naive_partitions", "neuron_distances", "pam", "partition", "permutation_relevance",
-    "plot_costs", "read_chain", "separate_costs", "settle", "subset_keys",
+    "plot_costs", "prune_exclusive", "read_chain", "separate_costs", "settle", "subset_keys",
 ]

@@ -6,7 +6,10 @@
 4. Prune every approach at the **same accuracy budget**: walk a ladder of MAC fractions (of each approach's own
    unpruned size) with the structured pruner, fine-tuning after each step, and keep the smallest model whose
    every task stays within ``prune.accuracy_drop`` points of its single-task network. Without merging, each
-   network is pruned alone on its own task.
+   network is pruned alone on its own task. With ``prune.per_task``, PAM's merged network gets the same per-task
+   stopping rule: after the joint ladder stops (the first task at its budget), each task's exclusive part walks
+   the ladder alone, the shared trunk and the other branches protected and frozen, until that task is at its own
+   limit (``continuation.py``; still an ordinary pruner: same criterion, rungs, fine-tuning and budget check).
 5. Measure MACs and latency of every task subset; write the cost table, the figure and a report.
 
 Kill and resume (``resume=True``, ``mtprune merge --resume``): every training of the run (single-task networks,
@@ -19,6 +22,7 @@ result is bit for bit an uninterrupted run's on CPU.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +46,9 @@ from mtprune.utils.atomic import atomic_write_json, atomic_write_text
 from mtprune.utils.errors import MTPruneInputError
 from mtprune.utils.runtime import resolve_device, seed_everything
 
-from .cost import SubsetCost, cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs
+from .continuation import exclusive_macs, frozen_except, prune_exclusive
+from .cost import SubsetCost, cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs, subset_keys
+from .merged_net import MergedNet
 from .naive import naive_merge
 from .pam import pam
 from .subsets import deploy_costs, extract_tasks, merged_structure
@@ -93,6 +99,8 @@ class BudgetPruneSection(_Strict):
     stats_batch_size: int = Field(32, ge=1)
     min_channels: int = Field(2, ge=1)
     finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4, weight_decay=0.0))
+    # PAM only: after the joint ladder stops, each task's exclusive part walks the ladder alone (continuation.py)
+    per_task: bool = False
 
     @model_validator(mode="after")
     def _ladder(self) -> BudgetPruneSection:
@@ -224,23 +232,76 @@ class _Runner:
         kept, acc, fraction = best
         return kept.cpu(), {"steps": steps, "budget_met": True, "fraction": fraction, "acc": acc}
 
+    def prune_per_task(self, model: MergedNet, tasks: Mapping[str, Task], reference: Mapping[str, float],
+                       dense_exclusive: Mapping[str, int], where: str) -> tuple[MergedNet, dict[str, Any]]:
+        """After the joint ladder: each task in turn walks the same ladder on its exclusive part only (rungs are
+        fractions of ``dense_exclusive[t]``, its exclusive MACs unpruned), the shared trunk and the other branches
+        protected and frozen, fine-tuning on its own loss; its walk stops at the first rung that takes any task out
+        of the budget, and the model of the rung before is kept (see ``continuation.py``)."""
+        p = self.cfg.prune
+        floor = {t: reference[t] - p.accuracy_drop for t in tasks}
+        model.to(self.device)
+        x = self.example.to(self.device)
+        acc = self.score(model, tasks)
+        walks: dict[str, list[dict[str, Any]]] = {}
+        for t in tasks:
+            current = exclusive_macs(model, t, x) / max(dense_exclusive[t], 1)
+            steps: list[dict[str, Any]] = [{"fraction": current, "acc": acc, "ok": True}]
+            best = (copy.deepcopy(model), acc)
+            for k, rung in enumerate(v for v in p.ladder if v < current - 1e-3):
+                before, whole = exclusive_macs(model, t, x), profile(model, x, latency=False).macs
+                goal = (whole - (before - rung * dense_exclusive[t])) / whole
+                try:
+                    with warnings.catch_warnings():  # the branch may not reach the rung: it goes as far as it can
+                        warnings.simplefilter("ignore")
+                        prune_exclusive(model, t, x, goal, criterion=p.criterion, data=self.stats_loader(),
+                                        losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
+                                        min_channels=p.min_channels, seed=self.cfg.seed)
+                except MTPruneInputError as err:
+                    steps.append({"fraction": current, "acc": acc, "ok": False, "error": str(err)[:300]})
+                    break
+                after = exclusive_macs(model, t, x)
+                if after >= before:
+                    steps.append({"fraction": current, "acc": acc, "ok": False, "error": "nothing left to prune"})
+                    break
+                current = after / max(dense_exclusive[t], 1)
+                with frozen_except(model, t):
+                    self.fit(model, {t: tasks[t]}, p.finetune, f"{where}/{t}/step{k + 1}")
+                acc = self.score(model, tasks)
+                ok = all(acc[s] >= floor[s] for s in tasks)
+                steps.append({"fraction": current, "acc": acc, "ok": ok})
+                log.info("%s/%s: %.3f of its exclusive MACs, accuracy %s (%s)", where, t, current, acc,
+                         "ok" if ok else "over budget")
+                if not ok:
+                    break
+                best = (copy.deepcopy(model), acc)
+            model, acc = best
+            walks[t] = steps
+        return model.cpu(), {"acc": acc, "walks": walks}
 
-def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+
+def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
+              reuse: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole comparison in ``run_dir``; returns the summary (also written to ``summary.json``).
 
     ``resume``: continue a killed run in ``run_dir``; the epochs it completed are not trained again.
+    ``reuse``: the summary of an earlier run of the same settings and single-task networks, except for PAM's
+    pruning (``prune.per_task``): its no merging and naive results (budgets, costs) are taken as they are, and
+    neither is trained nor pruned again (their ``.mtp`` files are then not written). The caller vouches for the
+    settings; the single-task accuracies are checked against it.
     """
     seed_everything(cfg.seed)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, run_dir, quiet, resume)
+        return _run(cfg, run_dir, quiet, resume, reuse)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str, Any]:
+def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapping[str, Any] | None
+         ) -> dict[str, Any]:
     r = _Runner(cfg, run_dir, quiet, resume)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     names = list(r.tasks)
@@ -257,6 +318,9 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
         singles[t].cpu()
     reference = {t: r.score(singles[t], {t: r.tasks[t]})[t] for t in names}
     log.info("single-task accuracy: %s", reference)
+    if reuse is not None and any(abs(reuse["reference_acc"].get(t, -1.0) - reference[t]) > 1e-9 for t in names):
+        raise MTPruneInputError(f"reuse: the earlier run's single-task accuracies {reuse['reference_acc']} are not "
+                                f"these networks' {reference}")
 
     merged, report = pam(singles, r.train_set, alpha_conv=cfg.merge.alpha_conv, alpha_linear=cfg.merge.alpha_linear,
                          noise_var=cfg.merge.noise_var, batch=cfg.merge.batch, seed=cfg.seed,
@@ -266,20 +330,33 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
     r.fit(merged, r.tasks, cfg.merge.retrain, "pam/retrain")
     acc_retrained = r.score(merged, r.tasks)
 
-    seed_everything(cfg.seed)
-    naive = naive_merge(singles, r.example, cfg.merge.naive_split)
-    r.fit(naive, r.tasks, cfg.train, "naive/train")
-
     def macs(m: nn.Module) -> int:
         return profile(m, r.example, latency=False).macs
 
-    dense = {"no_merge": {t: macs(m) for t, m in singles.items()}, "naive": macs(naive), "pam": macs(merged)}
-    pruned_singles, budgets = {}, {"no_merge": {}}
-    for t in names:
-        pruned_singles[t], budgets["no_merge"][t] = r.prune_to_budget(copy.deepcopy(singles[t]), {t: r.tasks[t]},
-                                                                      reference, f"prune/no_merge/{t}")
-    naive_p, budgets["naive"] = r.prune_to_budget(copy.deepcopy(naive), r.tasks, reference, "prune/naive")
+    pruned_singles: dict[str, nn.Module] = {}
+    naive_p: nn.Module | None = None
+    if reuse is None:
+        seed_everything(cfg.seed)
+        naive = naive_merge(singles, r.example, cfg.merge.naive_split)
+        r.fit(naive, r.tasks, cfg.train, "naive/train")
+        dense = {"no_merge": {t: macs(m) for t, m in singles.items()}, "naive": macs(naive), "pam": macs(merged)}
+        budgets: dict[str, Any] = {"no_merge": {}}
+        for t in names:
+            pruned_singles[t], budgets["no_merge"][t] = r.prune_to_budget(
+                copy.deepcopy(singles[t]), {t: r.tasks[t]}, reference, f"prune/no_merge/{t}")
+        naive_p, budgets["naive"] = r.prune_to_budget(copy.deepcopy(naive), r.tasks, reference, "prune/naive")
+    else:
+        dense = {**{a: reuse["dense_macs"][a] for a in ("no_merge", "naive")}, "pam": macs(merged)}
+        budgets = {a: reuse["budgets"][a] for a in ("no_merge", "naive")}
+    dense_exclusive = {t: exclusive_macs(merged, t, r.example) for t in names}
     pam_p, budgets["pam"] = r.prune_to_budget(copy.deepcopy(merged), r.tasks, reference, "prune/pam")
+    joint = None
+    if cfg.prune.per_task and budgets["pam"]["budget_met"]:
+        joint = {"fraction": budgets["pam"]["fraction"], "acc": budgets["pam"]["acc"],
+                 "macs": {k: c.macs for k, c in merged_costs(pam_p, r.example, latency=False).items()}}
+        pam_p, walk = r.prune_per_task(pam_p, r.tasks, reference, dense_exclusive, "prune/pam_per_task")
+        budgets["pam"] = {**budgets["pam"], "fraction": macs(pam_p) / dense["pam"], "acc": walk["acc"],
+                          "per_task": walk["walks"], "joint": {k: joint[k] for k in ("fraction", "acc")}}
 
     x = r.example.expand(cfg.cost.batch_size, *r.example.shape[1:]).contiguous()
     kw = {"latency": cfg.cost.latency, "warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats}
@@ -287,8 +364,8 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
     torch.set_num_threads(cfg.cost.threads or run_threads)
     try:
         costs: dict[str, dict[str, SubsetCost]] = {
-            "no_merge": separate_costs(pruned_singles, x, **kw),
-            "naive": merged_costs(naive_p, x, **kw),
+            "no_merge": separate_costs(pruned_singles, x, **kw) if reuse is None else _costs(reuse, "no_merge", names),
+            "naive": merged_costs(naive_p, x, **kw) if naive_p is not None else _costs(reuse, "naive", names),
             "pam": merged_costs(pam_p, x, **kw),
         }
         deploy = deploy_costs(pam_p, x, costs["pam"], **kw)  # each subset as its own model: MACs must match
@@ -304,7 +381,8 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
                title=f"{cfg.name}: cost per task subset at ≤{cfg.prune.accuracy_drop:g} points accuracy drop")
     for t, m in pruned_singles.items():
         save(m, run_dir / f"single_{t}.mtp", example_inputs=r.example)
-    save(naive_p, run_dir / "naive.mtp", example_inputs=r.example, extra={"merged": merged_structure(naive_p)})
+    if naive_p is not None:
+        save(naive_p, run_dir / "naive.mtp", example_inputs=r.example, extra={"merged": merged_structure(naive_p)})
     save(pam_p, run_dir / "pam.mtp", example_inputs=r.example,
          extra={"merged": merged_structure(pam_p), "pam": report.to_dict(indices=True)})
     (run_dir / "deploy").mkdir(exist_ok=True)
@@ -316,13 +394,23 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool) -> dict[str
         "name": cfg.name, "tasks": names, "reference_acc": reference,
         "pam": {"partitions": report.to_dict(), "acc_at_merge": acc_merged, "acc_after_retrain": acc_retrained},
         "dense_macs": dense, "budgets": budgets, "costs": costs_to_dict(costs), "table": table,
-        "pam_deploy": deploy,
+        "pam_deploy": deploy, "pam_exclusive_macs": dense_exclusive,
+        **({"pam_joint": {**joint, "no_merge_over_pam": {k: costs["no_merge"][k].macs / max(v, 1)
+                                                         for k, v in joint["macs"].items()}}} if joint else {}),
+        **({"reused": ["no_merge", "naive"]} if reuse is not None else {}),
         "setting": {"latency_batch_size": cfg.cost.batch_size, "threads": timing_threads,
                     "device": str(r.device)},
     }
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "report.md", render_report(summary, report.table()))
     return summary
+
+
+def _costs(summary: Mapping[str, Any] | None, approach: str, tasks: list[str]) -> dict[str, SubsetCost]:
+    """An approach's subset costs from an earlier run's summary (``reuse``), in :func:`subset_keys` order."""
+    assert summary is not None
+    stored = summary["costs"][approach]
+    return {k: SubsetCost(int(stored[k]["macs"]), stored[k].get("latency_ms")) for k in subset_keys(tasks)}
 
 
 def _fmt_acc(acc: Mapping[str, float]) -> str:
@@ -349,6 +437,15 @@ def render_report(summary: Mapping[str, Any], partition_table: str) -> str:
     for name in ("naive", "pam"):
         v = b[name]
         lines.append(f"| {name} | {v['fraction']:.3f} | {_fmt_acc(v['acc'])} | {v['budget_met']} |")
+    if "per_task" in b["pam"]:
+        j = b["pam"]["joint"]
+        lines += ["", f"PAM's joint ladder (the whole merged network) stopped at {j['fraction']:.3f} of its MACs "
+                  f"({_fmt_acc(j['acc'])}); then each task's exclusive part walked the ladder alone, the shared "
+                  "trunk and the other branches protected and frozen (fractions of the task's exclusive MACs):", ""]
+        for t, steps in b["pam"]["per_task"].items():
+            marks = [f"{st['fraction']:.2f} " + ("refused" if "error" in st else "✓" if st["ok"] else "✗")
+                     for st in steps]
+            lines.append(f"- {t}: " + " → ".join(marks))
     lines += ["", "## Cost per task subset (MMACs per sample; latency ms)", "",
               "| subset | no merging | naive | PAM | no merging / PAM | naive / PAM |", "|---|---|---|---|---|---|"]
     for row in summary["table"]:
