@@ -312,7 +312,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
     result = {"suite": "criteria", "scale": scale, "machine": machine(), "config": _config(scale, 0).model_dump(),
               "finetune_epochs": ft_epochs, "finetune_lr_factor": FT_LR_FACTOR,
               "stats": {"batches": STATS_BATCHES, "batch_size": STATS_BATCH_SIZE},
-              "seeds": list(seeds), "dense": {str(k): v for k, v in dense.items()}, "rows": rows,
+              "seeds": sorted(dense), "dense": {str(k): v for k, v in dense.items()}, "rows": rows,
               "summary": summarise(by_pool.get("all", [r for r in rows if r["method"] == DENSE_FT])),
               "summary_backbone": summarise(by_pool["backbone"]) if "backbone" in by_pool else {},
               "split_half": halves, "partial": gather}
@@ -447,7 +447,8 @@ def markdown(r: dict) -> str:
         f"{dense0['macs'] / 1e6:.1f} M MACs; "
         + "; ".join(f"{t}: " + ", ".join(f"{k} {v:.3f}" for k, v in dense0["metrics"][t].items()) for t in tasks),
         f"Statistics per pruning decision: {r['stats']['batches']} batches of {r['stats']['batch_size']}; seeds "
-        f"{', '.join(str(x) for x in r['seeds'])} at every target.",
+        f"{', '.join(str(x) for x in r['seeds'])}" + (" (those with a dense model so far)" if r.get("partial")
+                                                       else " at every target") + ".",
         "", "## Δm against dense after fine-tuning, all layers (%, mean ± std over seeds)", "",
         *_dm_table(summary, targets)]
     if r.get("summary_backbone"):
