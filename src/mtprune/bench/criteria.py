@@ -120,15 +120,18 @@ class _Setup(SuiteData):
         self.dense_dir = runs / f"dense_s{cfg.seed}"
         self.dense_path = self.dense_dir / "dense.mtp"
 
-    def finetune_config(self, ft_epochs: int) -> RunConfig:
-        """The suite's fine-tuning recipe: ``ft_epochs`` at ``FT_LR_FACTOR`` times the dense learning rate."""
+    def finetune(self, model: nn.Module, ft_epochs: int, run_dir: Path) -> None:
+        """The suite's fine-tuning: ``ft_epochs`` at ``FT_LR_FACTOR`` times the dense learning rate, cosine, in
+        ``run_dir`` (started over: the unit of resumption is the entry, so a partial one is redone)."""
         ft_train = {"epochs": ft_epochs, "lr": self.cfg.train.lr * FT_LR_FACTOR}
-        return self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update=ft_train)})
+        ft = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update=ft_train)})
+        shutil.rmtree(run_dir, ignore_errors=True)
+        Trainer(model, self.tasks, self.train_set, self.val_set, run_dir, recipe.train_options(ft, quiet=True)).fit()
 
     def dense(self, resume: bool, fp: str, ft_epochs: int) -> dict:
         """Train the seed's dense model to a plateau: the recipe's epochs (resuming its checkpoints only when they
-        were made with ``fp``), then one settling cycle of the suite's fine-tuning (``SETTLE``). The last epoch is
-        kept: no selection on the validation split."""
+        were made with ``fp``), then one settling cycle of the suite's fine-tuning (seeded by
+        ``SETTLE_SEED_OFFSET``). The last epoch is kept: no selection on the validation split."""
         stamp, trained = self.dense_dir / "fingerprint.txt", self.dense_dir / "trained.mtp"
         if self.dense_dir.exists() and (not stamp.is_file() or stamp.read_text() != fp):
             shutil.rmtree(self.dense_dir)  # another recipe's checkpoints: never resume from them
@@ -144,10 +147,7 @@ class _Setup(SuiteData):
             save_model(model, trained, example_inputs=self.x)
         before = self.evaluate(model)
         seed_everything(self.cfg.seed + SETTLE_SEED_OFFSET)
-        settle_dir = self.dense_dir / "settle"
-        shutil.rmtree(settle_dir, ignore_errors=True)  # a short stage: an interrupted one starts over
-        Trainer(model, self.tasks, self.train_set, self.val_set, settle_dir,
-                recipe.train_options(self.finetune_config(ft_epochs), quiet=True)).fit()
+        self.finetune(model, ft_epochs, self.dense_dir / "settle")  # a short stage: an interrupted one starts over
         save_model(model, self.dense_path, example_inputs=self.x)
         params, macs = count(model, self.x)
         metrics = self.evaluate(model)
@@ -219,9 +219,7 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
             extra["pagcp_rounds"] = len(report.extra["pagcp"].get("rounds", []))
     pruned_metrics = setup.evaluate(model)
     params1, macs1 = count(model, x)
-    ft = setup.finetune_config(ft_epochs)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the unit of resumption is the entry: a partial one starts over
-    Trainer(model, tasks, setup.train_set, setup.val_set, run_dir, recipe.train_options(ft, quiet=True)).fit()
+    setup.finetune(model, ft_epochs, run_dir)
     metrics = setup.evaluate(model)
     return {
         "method": method, "pool": "control" if method == DENSE_FT else pool, "target_macs": target,

@@ -20,13 +20,10 @@ latencies; the summary says whether Δm at equal latency is no worse than at equ
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 
-from .. import recipe
-from ..engine.trainer import Trainer
 from ..io import load as load_model
 from ..pruning.latency import LatencySetting, PairedTimer, interleaved_times, median_ratios
 from ..pruning.prune import as_losses, prune
@@ -47,13 +44,6 @@ def _setting(scale: str, setup: _Setup, table_dir: Path) -> dict:
     return {"device": "cuda" if cuda else "cpu", "threads": None if cuda else torch.get_num_threads(),
             "batch": setup.cfg.train.eval_batch_size or setup.cfg.train.batch_size, "cache_dir": str(table_dir),
             **TABLE[scale]}
-
-
-def _finetune(setup: _Setup, model: torch.nn.Module, ft_epochs: int, run_dir: Path) -> dict:
-    ft = setup.finetune_config(ft_epochs)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the unit of resumption is the entry: a partial one starts over
-    Trainer(model, setup.tasks, setup.train_set, setup.val_set, run_dir, recipe.train_options(ft, quiet=True)).fit()
-    return setup.evaluate(model)
 
 
 def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, setting: dict,
@@ -89,7 +79,8 @@ def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, s
     ratios = median_ratios(times, "dense")
     row = {"target_macs": target, "seed": cfg.seed, "dense_ms": min(times["dense"])}
     for kind, model in models.items():
-        metrics = _finetune(setup, model, ft_epochs, run_dir / kind)
+        setup.finetune(model, ft_epochs, run_dir / kind)
+        metrics = setup.evaluate(model)
         speedup = 1 / ratios[kind]
         row[kind] = {**reports[kind], "measured_ms": min(times[kind]), "speedup": speedup, "metrics": metrics,
                      "delta_m": delta_m(metrics, dense_metrics, setup.tasks)}
