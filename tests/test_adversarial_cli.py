@@ -116,6 +116,15 @@ def test_bench_seeds_refused_by_a_suite_without_seeds(tmp_path, capsys):
     assert not (out / "entries" / "speed_small.json").exists()  # refused before any entry ran
 
 
+def test_bench_pools_refused_by_a_suite_without_pools_and_unknown_pools_named(tmp_path, capsys):
+    assert main(["bench", "speed", "--scale", "small", "--out", str(tmp_path / "speed"), "--pools", "all"]) == 2
+    assert "bench speed: this suite has no --pools option" in capsys.readouterr().err
+    out = tmp_path / "criteria"
+    assert main(["bench", "criteria", "--scale", "small", "--out", str(out), "--pools", "heads"]) == 2
+    assert "unknown candidate pool(s) ['heads']" in capsys.readouterr().err
+    assert not list(out.rglob("*.json"))  # refused before any entry ran
+
+
 def test_bench_seeds_runs_only_those_seeds(tmp_path, monkeypatch):
     from mtprune.bench import criteria
 

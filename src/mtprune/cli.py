@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="run only these seeds, comma-separated (suites with seeds: criteria, garg2023, "
                             "disparse2022); processes with disjoint seeds may share one results folder, and a "
                             "final --resume run without --seeds writes the combined tables")
+    bench.add_argument("--pools", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
+                       help="run only these candidate pools, comma-separated (criteria: all, backbone)")
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory on its validation split")
     ev.add_argument("target", help="a run directory (or a .mtp file with --config)")

@@ -267,6 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_bench_scale(results_dir(args.suite, args.out), args.scale, resume=args.resume or args.gather)
     extra = {} if args.seeds is None else {"seeds": args.seeds}
     extra.update({"gather": True} if args.gather else {})
+    extra.update({"pools": args.pools} if getattr(args, "pools", None) else {})
     run_suite(args.suite, scale=args.scale, out=args.out, threads=args.threads, resume=args.resume, **extra)
     folder = results_dir(args.suite, args.out)
     reports = sorted(p.name for p in folder.glob("*.md"))

@@ -45,7 +45,7 @@ def run_suite(name: str, **kw) -> dict:
         raise MTPruneInputError(f"unknown benchmark suite {name!r}; known: {', '.join(SUITES)}")
     module = importlib.import_module(f"{__name__}.{SUITES[name]}")
     runner = getattr(module, f"run_{name}", None) or module.run
-    for option in ("seeds", "gather"):
+    for option in ("seeds", "gather", "pools"):
         if option in kw and option not in inspect.signature(runner).parameters:
             raise MTPruneInputError(f"bench {name}: this suite has no --{option} option")
     return runner(**kw)
