@@ -180,3 +180,17 @@ def test_gather_writes_partial_tables_from_finished_entries_and_runs_nothing(tmp
         (entries / name).unlink()
     with pytest.raises(MTPruneInputError, match="criteria --gather: no finished entries"):
         criteria.run(scale="small", out=out, threads=1, methods=["l1"], pools=("all",), gather=True)
+
+
+def test_split_half_second_decision_reads_scenes_the_first_never_saw(tmp_path):
+    """The two decisions of the split-half ρ must not share scenes (version 2 read the stored pool twice)."""
+    setup = criteria._Setup(criteria._config("small", 0), tmp_path)
+    setup.train_set.transform = None  # compare the scenes themselves, not their random crops
+    batches = criteria.split_half_batches(setup, n=2)
+    first, second = batches[:2], batches[2:]
+    assert len(first) == len(second) == 2
+    pool = torch.cat([b[0] for b in first])
+    for image in torch.cat([b[0] for b in second]):
+        assert (pool - image).flatten(1).abs().amax(1).min() > 0.1  # no image of the pool again
+    again = criteria.split_half_batches(setup, n=2)[:2]  # the first decision is the pool, as every entry reads it
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))

@@ -156,7 +156,8 @@ class _Setup(SuiteData):
 
     def stats_data(self, epoch: int = 0):
         """The statistics batches of a pruning decision: the training scenes of ``epoch`` (0: the stored pool,
-        whichever entry ran before, so entries are resumable; another epoch: as many fresh, disjoint scenes)."""
+        whichever entry ran before, so entries are resumable; ``FRESH_EPOCH`` or later: as many fresh scenes,
+        disjoint from the pool. Epoch 1 is the stored pool again, see ``synthetic_scenes``)."""
         from torch.utils.data import DataLoader
 
         from ..engine.batch import collate
@@ -231,16 +232,27 @@ def _run_method(setup: _Setup, method: str, target: float, ft_epochs: int, run_d
     }
 
 
-SPLIT_HALF_VERSION = 2  # 2: two disjoint sets of STATS_BATCHES each (1: the STATS_BATCHES halved)
+# 3: the second decision reads fresh scenes (epoch FRESH_EPOCH); version 2 read epoch 1, which is the stored pool
+# again (other crops and flips of the same 512 scenes), so its rho overstated the stability of the scores.
+# 2: two disjoint sets of STATS_BATCHES each (1: the STATS_BATCHES halved)
+SPLIT_HALF_VERSION = 3
+FRESH_EPOCH = 2  # synthetic_scenes renders new training scenes from epoch 2 on (epochs 0 and 1: the stored pool)
+
+
+def split_half_batches(setup: _Setup, n: int = STATS_BATCHES) -> list:
+    """``n`` batches of the stored pool (what a pruning decision reads) followed by ``n`` batches of fresh
+    scenes; the training set is left at epoch 0."""
+    batches = [b for epoch in (0, FRESH_EPOCH) for b in itertools.islice(setup.stats_data(epoch), n)]
+    set_data_epoch(setup.train_set, 0)
+    return batches
 
 
 def _split_half(setup: _Setup, criterion: str) -> dict:
     """The split-half rank correlation of ``criterion``'s scores on the seed's dense model (all layers): its scores
     from the ``STATS_BATCHES`` batches a pruning decision uses (the stored pool) against its scores from as many
-    fresh, disjoint scenes, i.e. the agreement of two independent decisions of the size the suite makes."""
+    fresh scenes, i.e. the agreement of two independent decisions of the size the suite makes."""
     model = load_model(setup.dense_path, base=setup.fresh())
-    batches = [b for epoch in (0, 1) for b in itertools.islice(setup.stats_data(epoch), STATS_BATCHES)]
-    set_data_epoch(setup.train_set, 0)
+    batches = split_half_batches(setup)
     out = split_half_rank_corr(model, setup.x, criterion, batches, setup.tasks, seed=setup.cfg.seed)
     return {"kind": "split_half", "seed": setup.cfg.seed, **out}
 
