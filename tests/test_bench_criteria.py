@@ -182,15 +182,22 @@ def test_gather_writes_partial_tables_from_finished_entries_and_runs_nothing(tmp
         criteria.run(scale="small", out=out, threads=1, methods=["l1"], pools=("all",), gather=True)
 
 
-def test_split_half_second_decision_reads_scenes_the_first_never_saw(tmp_path):
-    """The two decisions of the split-half ρ must not share scenes (version 2 read the stored pool twice)."""
+def test_split_half_second_decision_reads_scenes_the_first_never_saw(tmp_path, monkeypatch):
+    """The two decisions of the split-half ρ must not share scenes (version 2 read the stored pool twice), and a
+    criterion that needs more batches than the pool holds reads fresh epochs after it."""
     setup = criteria._Setup(criteria._config("small", 0), tmp_path)
     setup.train_set.transform = None  # compare the scenes themselves, not their random crops
-    batches = criteria.split_half_batches(setup, n=2)
-    first, second = batches[:2], batches[2:]
-    assert len(first) == len(second) == 2
-    pool = torch.cat([b[0] for b in first])
-    for image in torch.cat([b[0] for b in second]):
-        assert (pool - image).flatten(1).abs().amax(1).min() > 0.1  # no image of the pool again
-    again = criteria.split_half_batches(setup, n=2)[:2]  # the first decision is the pool, as every entry reads it
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    per_epoch = len(setup.train_set) // criteria.STATS_BATCH_SIZE
+    monkeypatch.setitem(criteria.CRITERION_BATCHES, "cosprune", per_epoch + 1)  # spans two epochs
+    first = list(setup.decision_data("cosprune"))
+    second = list(setup.decision_data("cosprune", second=True))
+    assert len(first) == len(second) == per_epoch + 1
+    images = [torch.cat([b[0] for b in part]) for part in (first, second)]
+    assert torch.equal(images[0][: len(setup.train_set)],  # the pool first, as every entry reads it
+                       torch.cat([b[0] for b in setup.stats_data()]))
+    for image in images[1]:
+        assert (images[0] - image).flatten(1).abs().amax(1).min() > 0.1  # no scene of the first decision again
+    within = images[0].flatten(1)
+    assert (within[: len(setup.train_set)] - within[-1]).abs().amax(1).min() > 0.1  # the extra batch is fresh
+    assert setup.train_set.epoch == 0  # left as every entry expects it
+    assert setup.decision_data("taylor") is not None and criteria.stats_batches("taylor") == criteria.STATS_BATCHES

@@ -61,20 +61,26 @@ def _ranks(x: Tensor) -> Tensor:
 
 
 def split_half_rank_corr(model: nn.Module, example_inputs: Tensor, criterion: str, batches: Sequence,
-                         losses: Mapping, seed: int = 0) -> dict:
+                         losses: Mapping, seed: int = 0, *, second: Iterable | None = None,
+                         half: int | None = None) -> dict:
     """Scores of ``criterion`` on the first and on the second half of ``batches`` (disjoint), Spearman ρ between
-    them in every channel group of the whole model; returns the per-group ρ and their median."""
+    them in every channel group of the whole model; returns the per-group ρ and their median. With ``second``
+    (and ``half``, the batches of each), ``batches`` and ``second`` are the two decisions' data, read lazily."""
     from ..pruning.criteria import get_criterion
     from ..pruning.graph import PruningGraph
     from ..pruning.prune import as_losses, criterion_scores
 
-    half = len(batches) // 2
-    if half < 1:
+    if second is None:
+        half = len(batches) // 2
+        parts = (batches[:half], batches[half:2 * half])
+    else:
+        parts = (batches, second)
+    if half is None or half < 1:
         raise ValueError("split-half scores need at least 2 batches")
     graph = PruningGraph(model, example_inputs)
     crit = get_criterion(criterion, seed=seed)
     first, second = (criterion_scores(model, graph, crit, data=part, losses=as_losses(losses), batches=half)
-                     for part in (batches[:half], batches[half:2 * half]))
+                     for part in parts)
     per_group = {graph.groups[k].root: spearman(first[k], second[k]) for k in first if k in second}
     values = [v for v in per_group.values() if v is not None]
     return {"criterion": criterion, "batches_per_half": half, "per_group": per_group,
