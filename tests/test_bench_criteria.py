@@ -72,6 +72,12 @@ def test_summary_statistics_best_method_and_findings():
     assert "At MACs 0.5, the best multi-task criterion (taylor) has Δm -0.50 %: it meets" in text
     assert "At MACs 0.25, the best multi-task criterion (taylor) has Δm -2.00 %: it meets" in text
     assert "beats Torch-Pruning's magnitude baseline by +5.00 points of Δm, more than the seed noise (1.00)" in text
+    # a method that stopped above its MACs target is marked in the tables and is never "the best"
+    missed = [{**_row("taylor + PAGCP", 0.25, s, 1.0, {"a": 1.0, "b": 1.0}), "macs_kept": 0.4} for s in (0, 1)]
+    s = criteria.summarise(rows + missed)
+    assert s["taylor + PAGCP"]["0.25"]["missed_target"] == 2 and criteria.best_method(s, 0.25) == "taylor"
+    assert "✗ (2 of 2 stopped above the target: MACs 0.400)" in criteria._cell(s["taylor + PAGCP"]["0.25"])
+    assert "✗" not in criteria._cell(s["taylor"]["0.25"])
 
 
 def test_entries_resume_only_when_asked(tmp_path):

@@ -49,10 +49,10 @@ def test_split_half_is_one_for_a_data_free_criterion_and_bounded_for_taylor():
         split_half_rank_corr(model, x, "taylor", batches[:1], LOSSES)
 
 
-def _row(method, target, seed, tasks, pool="all"):
+def _row(method, target, seed, tasks, pool="all", macs_kept=None):
     dm = sum(tasks.values()) / len(tasks)
     return {"method": method, "pool": "control" if method == CONTROL else pool, "target_macs": target,
-            "seed": seed, "delta_m": dm, "task_delta": tasks}
+            "seed": seed, "delta_m": dm, "task_delta": tasks, "macs_kept": target if macs_kept is None else macs_kept}
 
 
 ROWS = [
@@ -62,6 +62,9 @@ ROWS = [
     _row("taylor", 0.25, 1, {"seg": 0.0, "depth": -1.0}, "backbone"),
     _row("taylor", 0.1, 0, {"seg": -3.0, "depth": -5.0}), _row("taylor", 0.1, 1, {"seg": -5.0, "depth": -3.0}),
     _row("l1", 0.1, 0, {"seg": -9.0, "depth": -9.0}),  # one seed only
+    # stopped at MACs 0.17 (PAGCP's loss bound): not a model at 0.1, so not the best at 0.1
+    _row("taylor + PAGCP", 0.1, 0, {"seg": -1.0, "depth": -1.0}, macs_kept=0.17),
+    _row("taylor + PAGCP", 0.1, 1, {"seg": -1.0, "depth": -1.0}, macs_kept=0.102),
 ]
 HALVES = [{"kind": "split_half", "criterion": "taylor", "seed": s, "median": m} for s, m in enumerate([0.8, 0.9, 0.7])]
 
@@ -73,7 +76,7 @@ def test_credibility_keys_from_rows():
     assert c["random_0.25_max_task_gain_pct"] == pytest.approx(1.0)  # depth: mean of 0.5 and 1.5
     # control means: seg +0.5, depth −1.5; taylor (backbone) seg −0.5 (−1.0), depth −0.5 (+1.0); random depth +2.5
     assert c["max_task_gain_over_control_0.25_pct"] == pytest.approx(2.5)
-    assert c["best_delta_m_0.1_pct"] == pytest.approx(-4.0)  # taylor beats l1's −9
+    assert c["best_delta_m_0.1_pct"] == pytest.approx(-4.0)  # taylor beats l1's −9; PAGCP's −1 missed the target
     assert c["seeds_min"] == 1  # the l1 cell
     assert c["score_split_half_rank_corr"] == {"taylor": pytest.approx(0.8)}
     empty = credibility([], [])

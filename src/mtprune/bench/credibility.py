@@ -99,6 +99,15 @@ def _cells(rows: Iterable[Mapping]) -> dict[tuple, list[Mapping]]:
     return out
 
 
+MACS_TOLERANCE = 0.05  # a row reached its MACs target when it keeps at most 5 % more than the target
+
+
+def reached_target(row: Mapping) -> bool:
+    """Whether a pruned row kept no more MACs than its target allows (a method may stop early: PAGCP ends when
+    no layer can lose channels within its loss bound); rows that did not are not at that target."""
+    return row["macs_kept"] <= float(row["target_macs"]) * (1 + MACS_TOLERANCE)
+
+
 def _task_means(rows: Sequence[Mapping]) -> dict[str, float]:
     return {t: _mean(r["task_delta"][t] for r in rows) for t in rows[0]["task_delta"]}
 
@@ -113,7 +122,9 @@ def credibility(rows: Sequence[Mapping], split_half: Sequence[Mapping]) -> dict:
     at25 = [rs for (_, _, t), rs in pruned.items() if t == 0.25]
     random25 = [max(_task_means(rs).values()) for (_, m, t), rs in pruned.items() if m == "random" and t == 0.25]
     over = [max(_task_means(rs)[t] - ctrl[t] for t in ctrl) for rs in at25] if ctrl else []
-    at10 = [_mean(r["delta_m"] for r in rs) for (_, _, t), rs in pruned.items() if t == 0.1]
+    # the best model at MACs 0.1 must be at 0.1: a cell counts only when all its rows reached the target
+    at10 = [_mean(r["delta_m"] for r in rs) for (_, _, t), rs in pruned.items()
+            if t == 0.1 and all(reached_target(r) for r in rs)]
     corr: dict[str, list[float]] = {}
     for e in split_half:
         if e.get("median") is not None:

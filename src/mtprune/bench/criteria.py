@@ -46,7 +46,7 @@ from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import seed_everything
 from .common import Entries, SuiteData, fingerprint, machine, results_dir, suite_config
-from .credibility import split_half_rank_corr, write_credibility
+from .credibility import reached_target, split_half_rank_corr, write_credibility
 
 TP_BASELINE = "Torch-Pruning magnitude"
 DENSE_FT = "dense, fine-tuned alike"  # control: the extra fine-tuning epochs without pruning
@@ -402,12 +402,14 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
             cell["params_kept"] = statistics.fmean(r["params_kept"] for r in rs)
             cell["task_delta"] = {t: _mean_std([r["task_delta"][t] for r in rs]) for t in rs[0]["task_delta"]}
             cell["worst_task"] = _mean_std([min(r["task_delta"].values()) for r in rs])
+            cell["missed_target"] = sum(not reached_target(r) for r in rs)  # rows that stopped above the target
     return out
 
 
 def best_method(summary: dict, target: float, among: tuple[str, ...] = MULTI_TASK) -> str | None:
     key = str(target)
-    cands = [(cells[key]["delta_m"][0], m) for m, cells in summary.items() if m in among and key in cells]
+    cands = [(cells[key]["delta_m"][0], m) for m, cells in summary.items()
+             if m in among and key in cells and not cells[key].get("missed_target")]
     return max(cands)[1] if cands else None
 
 
@@ -458,7 +460,10 @@ def _cell(c: dict | None, key: str = "delta_m") -> str:
     if c is None:
         return "–"
     mean, std = c[key]
-    return f"{mean:+.2f} ± {std:.2f}" if c["seeds"] > 1 else f"{mean:+.2f}"
+    text = f"{mean:+.2f} ± {std:.2f}" if c["seeds"] > 1 else f"{mean:+.2f}"
+    if c.get("missed_target"):  # not comparable with the column: say at which MACs it stopped
+        text += f" ✗ ({c['missed_target']} of {c['seeds']} stopped above the target: MACs {c['macs_kept']:.3f})"
+    return text
 
 
 def _fmt(value) -> str:
@@ -509,15 +514,15 @@ def markdown(r: dict) -> str:
     if r.get("split_half"):
         lines += ["", "## Stability of the gradient criteria's scores", "",
                   "Split-half rank correlation: each criterion's per-channel scores on the dense model from two "
-                  f"disjoint sets of statistics data ({r['split_half'][0]['batches_per_half']} batches each, the "
-                  "size of one pruning decision), "
-                  "Spearman ρ within every channel group, median over groups; one value per seed.", "",
-                  "| criterion | ρ per seed | median |", "|---|---|---|"]
+                  "independent decisions of the size the suite makes (the stored pool against as many fresh "
+                  "scenes), Spearman ρ within every channel group, median over groups; one value per seed.", "",
+                  "| criterion | batches per decision | ρ per seed | median |", "|---|---|---|---|"]
         for crit in dict.fromkeys(e["criterion"] for e in r["split_half"]):
-            vals = [e["median"] for e in r["split_half"] if e["criterion"] == crit]
-            shown = ", ".join("–" if v is None else f"{v:.3f}" for v in vals)
+            entries = [e for e in r["split_half"] if e["criterion"] == crit]
+            shown = ", ".join("–" if e["median"] is None else f"{e['median']:.3f} (s{e['seed']})" for e in entries)
             med = r["credibility"]["score_split_half_rank_corr"].get(crit)
-            lines.append(f"| {crit} | {shown} | {'–' if med is None else f'{med:.3f}'} |")
+            sizes = "/".join(str(n) for n in dict.fromkeys(e["batches_per_half"] for e in entries))
+            lines.append(f"| {crit} | {sizes} | {shown} | {'–' if med is None else f'{med:.3f}'} |")
     if r.get("credibility"):
         lines += ["", "## Credibility of the testbed (`credibility.json`)", "",
                   *(f"- `{k}`: {_fmt(v)}" for k, v in r["credibility"].items())]
