@@ -11,7 +11,7 @@ import torch
 from helpers import nyu_batches, zoo_model
 from mtprune.bench import run_suite
 from mtprune.bench.speed import MEMORY_MODES, SCALES, SPARSITIES, can_reset_peak, ceiling
-from mtprune.bench.speed_compare import COMPARE
+from mtprune.bench.speed_compare import COMPARE, HW_VARIANTS
 from mtprune.pruning.criteria import Criterion
 from mtprune.pruning.graph import PruningGraph
 from mtprune.pruning.stats import TASK_WEIGHT_GRADS, StatisticsEngine
@@ -74,6 +74,47 @@ def test_side_by_side_and_prune_time(small):
         assert abs(t["mtprune_macs_ratio"] - t["target_macs"]) <= 0.01
     md = (out / "speed_small.md").read_text()
     assert "## Side by side" in md and "## Time to prune" in md
+
+
+def test_hardware_widths_rows_and_their_own_entries(small):
+    """Section 5b: mtprune at equal MACs with measured channel blocks (and near-ties reordered by latency), timed
+    beside dense and mtprune_macs, in entries of its own: dropping them leaves section 5's entries as they were,
+    and a changed fingerprint reruns only them."""
+    out, result = small
+    for r in result["side_by_side"]:
+        hw = r["hardware"]
+        assert hw["variants"] == ["dense", "mtprune_macs", *(k for k in HW_VARIANTS if "refused" not in hw[k])]
+        assert hw["dense"]["speedup"] == pytest.approx(1.0)
+        for k in ("mtprune_macs", "mtprune_macs_hw", "mtprune_macs_hw_ties"):
+            v = hw[k]
+            assert abs(v["macs_kept"] - r["target"]) <= 0.05 * r["target"]
+            assert v["latency_ms"] > 0 and v["fidelity"] == pytest.approx(v["speedup"] * v["macs_kept"])
+        lat = hw["mtprune_latency_hw"]  # the small models' floor may lie above the target
+        if "refused" in lat:
+            assert "below this model's latency floor" in lat["refused"]
+        else:
+            assert lat["within_5pct"] == (abs(lat["latency_ratio"] - r["target"]) <= 0.05 * r["target"])
+        for k in (k for k in HW_VARIANTS if "refused" not in hw[k]):
+            assert hw[k]["round_to"]["default"] == 1 and set(hw[k]["round_to"]) >= {"depthwise", "pointwise"}
+        ties = hw["mtprune_macs_hw_ties"]
+        assert 0 < ties["predicted_ratio"] < 1 and 0 < ties["predicted_ratio_by_importance"] < 1
+    md = (out / "speed_small.md").read_text()
+    assert all(f"| {k} |" in md for k in HW_VARIANTS)  # a refused one too, saying so
+    entries = out / "entries"
+    hw_files = sorted(entries.glob("side_hw_*.json"))
+    assert hw_files and all(json.loads(f.read_text())["fingerprint"] for f in hw_files)
+    side_files = {f.name: f.read_text() for f in entries.glob("side_small_*.json")}
+    stale = json.loads(hw_files[0].read_text())
+    right = stale["fingerprint"]
+    hw_files[0].write_text(json.dumps({**stale, "fingerprint": "stale"}))
+    for f in hw_files[1:]:
+        f.unlink()
+    again = run_suite("speed", scale="small", out=str(out), threads=1, resume=True)
+    assert {f.name: f.read_text() for f in entries.glob("side_small_*.json")} == side_files  # not rerun
+    assert [{k: v for k, v in r.items() if k != "hardware"} for r in again["side_by_side"]] == \
+        [{k: v for k, v in r.items() if k != "hardware"} for r in result["side_by_side"]]
+    assert json.loads(hw_files[0].read_text())["fingerprint"] == right  # rerun with its settings' fingerprint
+    assert all(f.is_file() for f in hw_files)
 
 
 def test_latency_floor_and_fidelity_ceiling(small):

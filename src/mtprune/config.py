@@ -179,8 +179,11 @@ class PruneSection(_Strict):
     allocator: Literal["global", "layer", "pagcp"] = "global"
     pagcp: PAGCPSection = Field(default_factory=PAGCPSection)
     min_channels: int = Field(5, ge=1)
-    round_to: int | dict[str, int] | Literal["auto"] = 1  # or per layer kind, or the device's channel blocking
+    round_to: int | dict[str, int] | Literal["auto", "measured"] = 1  # or per kind, or the device's blocking
     part_ratios: dict[str, float] = Field(default_factory=dict)
+    # latency: near-ties by latency per MAC; left out of dumps at its default, so that the fingerprints of entries
+    # (configs dumped whole) made before it existed stay valid
+    rank_by: Literal["importance", "latency"] = Field("importance", exclude_if=lambda v: v == "importance")
     stats_batches: int = Field(8, ge=1)
     stats_batch_size: int = Field(8, ge=1)
     finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4))
@@ -199,6 +202,10 @@ class PruneSection(_Strict):
                              f"channel_ratio (got {given or 'none'})")
         if isinstance(self.round_to, int) and self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.rank_by == "latency" and (given[0] != "target_macs" or self.allocator != "global"
+                                          or self.schedule == "interleaved"):
+            raise ValueError("rank_by 'latency' needs target_macs, allocator 'global' and schedule 'one_shot' or "
+                             "'iterative'")
         if given[0].startswith("target_latency") and self.schedule == "interleaved":
             raise ValueError("a latency target needs schedule 'one_shot' or 'iterative' (not 'interleaved')")
         if self.schedule != "one_shot" and self.channel_ratio is not None:

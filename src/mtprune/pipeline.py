@@ -97,7 +97,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     criterion = get_criterion(p.criterion, seed=cfg.seed, **crit_kw)
     prune_dir = run_dir / "prune"
     common = {"allocator": p.allocator, "min_channels": p.min_channels, "round_to": p.round_to,
-              "part_ratios": p.part_ratios or None, "latency": p.latency or None}
+              "part_ratios": p.part_ratios or None, "latency": p.latency or None, "rank_by": p.rank_by}
     pagcp_report = None
     if p.allocator == "pagcp":  # PAGCP (Ye et al. 2023): loss-constrained rounds, fine-tuned in between
         from .pruning.pagcp import pagcp_schedule

@@ -16,7 +16,9 @@ engine cost in time and memory?
    reduction-only criterion (``taylor``: per-channel gate statistics), a per-task weight-gradient criterion
    (``cosprune``) and, for reference, one plain forward + summed-loss backward.
 5. and 6. **Side by side** (dense, mtprune at equal MACs, mtprune at equal latency, Torch-Pruning; fidelity =
-   speed-up × MACs kept) and **time to prune** against Torch-Pruning's MetaPruner: ``bench/speed_compare.py``.
+   speed-up × MACs kept; 5b: mtprune at equal MACs with widths on the device's measured channel blocks, and with
+   the ranking's near-ties reordered by latency) and **time to prune** against Torch-Pruning's MetaPruner:
+   ``bench/speed_compare.py``.
 7. **Latency floor and fidelity ceiling.** Per model, every prunable layer cut to its minimum width
    (``min_channels``, as the pruned rows) and timed alongside the dense model. No allocation runs faster than
    this floor (norms, activations, upsampling, the unprunable first and last layers and per-call overheads
@@ -66,7 +68,7 @@ from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from .common import Entries, fingerprint, machine, results_dir
-from .speed_compare import COMPARE, prune_time_entry, side_by_side_entry
+from .speed_compare import COMPARE, hardware_entry, hardware_fingerprint, prune_time_entry, side_by_side_entry
 from .speed_compare import markdown as compare_markdown
 
 # label: (zoo model, head, head arguments at width 1); the heads' widths scale with the model's width
@@ -423,11 +425,15 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
         # 5. side by side (the latency row rounds widths to the device's own channel blocking)
         if label not in ROUND_TO and (cmp.models is None or label in cmp.models):
             for target in cmp.targets:
-                side.append({"model": label, **entries.get(
-                    f"side_{scale}_{sc.models[label][0]}_{target}",
-                    lambda label=label, target=target: side_by_side_entry(
-                        model(label), target, sc.input, sc.batch, sc.repeats, sc.tolerance, MIN_CHANNELS, device,
-                        threads or torch.get_num_threads(), cmp, folder / "latency_tables"))})
+                args = (target, sc.input, sc.batch, sc.repeats, sc.tolerance, MIN_CHANNELS, device,
+                        threads or torch.get_num_threads(), cmp, folder / "latency_tables")
+                row = entries.get(f"side_{scale}_{sc.models[label][0]}_{target}",
+                                  lambda label=label, args=args: side_by_side_entry(model(label), *args))
+                # 5b. hardware widths at MACs t: entries of their own, so that those of section 5 stay valid
+                hw = entries.get(f"side_hw_{scale}_{sc.models[label][0]}_{target}",
+                                 lambda label=label, args=args: hardware_entry(model(label), *args),
+                                 hardware_fingerprint(cmp, MIN_CHANNELS, sc.tolerance))
+                side.append({"model": label, **row, "hardware": hw})
         dense.pop(label, None)
     prune_time = [entries.get(f"prune_time_{scale}_{m}_{t}",
                               lambda m=m, t=t: prune_time_entry(m, cmp.prune_input, t, seed, cmp.prune_repeats),

@@ -9,6 +9,13 @@
    the median per-round speed-up over dense. **Fidelity** is speed-up × MACs kept (1.0: latency falls exactly as
    MACs do). The latency row also says whether the measured latency ratio (median per-round ratio to dense, as
    the feedback loop computes it) lies within 5 % of t; a target below the model's latency floor is refused.
+5b. **Hardware widths at equal MACs** (``hardware_entry``, an entry of its own per model and target, with a
+   fingerprint of its variants, so that section 5's entries stay valid when it is added or changed): dense,
+   mtprune at MACs t as in section 5, and mtprune at MACs t with ``round_to="measured"`` (each layer kind's
+   widths on the channel blocks found in latency sweeps on this device, ``pruning/blocking.py``), without and
+   with ``rank_by="latency"`` (the ranking's near-ties reordered by predicted latency saved per MAC,
+   ``allocate.plan_near_ties``), and mtprune at latency t with those blocks (``mtprune_latency_hw``: the latency
+   row of section 5 rounds only depthwise and 1×1 widths, ``round_to="auto"``), timed in rotation like section 5.
 6. **Time to prune.** ``mtprune.prune`` (``l1``, ``target_macs``) against Torch-Pruning's ``MetaPruner``
    (``GroupMagnitudeImportance``, uniform ratio ``1 - sqrt(t)``, which keeps about t of the MACs) on torchvision
    classifiers with two task heads, wall time of each call on the same input, from the same dense weights. Both
@@ -37,9 +44,17 @@ from ..pruning.graph import PruningGraph, torch_pruning_magnitude
 from ..pruning.latency import interleaved_times, median_ratios
 from ..pruning.prune import count, prune
 from ..utils.errors import MTPruneInputError
+from .common import fingerprint
 
 PRUNE_TIME_MODELS = ("densenet121", "resnet50", "efficientnet_b0")
 VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
+# section 5b, an entry of its own per model and target (the entries of section 5 stay valid): widths on the
+# channel blocks measured on the device, at MACs t (without and with the ranking's near-ties reordered by the
+# latency table) and at latency t, timed beside dense and mtprune_macs
+HW_VARIANTS = {"mtprune_macs_hw": {"target_macs": True, "round_to": "measured"},
+               "mtprune_macs_hw_ties": {"target_macs": True, "round_to": "measured", "rank_by": "latency"},
+               "mtprune_latency_hw": {"target_latency": True, "round_to": "measured"}}
+HW_VERSION = 1  # in the entries' fingerprint: bump when the variants change
 
 
 @dataclass(frozen=True)
@@ -139,9 +154,7 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
     at_macs = copy.deepcopy(dense)
     r_macs = prune(at_macs, x1, "l1", target_macs=target, min_channels=min_channels, tolerance=tolerance)
     at_latency = copy.deepcopy(dense)
-    setting = {"device": str(device), "threads": threads if device.type == "cpu" else None, "batch": batch,
-               "grid": cmp.table_grid, "repeats": cmp.table_repeats, "warmup": cmp.table_warmup,
-               "cache_dir": str(table_dir)}
+    setting = table_setting(device, threads, batch, cmp, table_dir)
     t0 = time.perf_counter()
     try:
         r_lat, refused = prune(at_latency, x1, "l1", target_latency=target, latency=setting,
@@ -181,12 +194,78 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
     return {"target": target, **rows}
 
 
+def table_setting(device: torch.device, threads: int, batch: int, cmp: Compare, table_dir: Path) -> dict:
+    """The latency setting of the side-by-side rows: the benchmark's device, threads and batch."""
+    return {"device": str(device), "threads": threads if device.type == "cpu" else None, "batch": batch,
+            "grid": cmp.table_grid, "repeats": cmp.table_repeats, "warmup": cmp.table_warmup,
+            "cache_dir": str(table_dir)}
+
+
+def hardware_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], batch: int, repeats: int,
+                   tolerance: float, min_channels: int, device: torch.device, threads: int, cmp: Compare,
+                   table_dir: Path) -> dict:
+    """Section 5b: dense, mtprune at MACs ``target`` (as in section 5) and the ``HW_VARIANTS`` at the same
+    target, timed in rotation (``interleaved_times``). Each row: minimum ms, median per-round speed-up over dense,
+    MACs kept, fidelity; the hardware rows also the blocks found (``round_to``) and the latency predicted by the
+    table for their plan and for the importance ranking's (``rank_by="latency"``)."""
+    h, w = input_hw
+    x1 = torch.zeros(1, 3, h, w)
+    setting = table_setting(device, threads, batch, cmp, table_dir)
+    nets, reports, prune_s = {"dense": dense}, {}, {}
+    refused = {}
+    for k, kw in {"mtprune_macs": {"target_macs": True}, **HW_VARIANTS}.items():
+        net = copy.deepcopy(dense)
+        kw = {name: target if v is True else v for name, v in kw.items()}
+        t0 = time.perf_counter()
+        try:
+            reports[k] = prune(net, x1, "l1", min_channels=min_channels, tolerance=tolerance,
+                               **({"latency": setting, **kw} if k != "mtprune_macs" else kw))
+        except MTPruneInputError as e:  # a latency target below the floor: nothing to time
+            refused[k] = str(e)
+            continue
+        nets[k] = net
+        prune_s[k] = time.perf_counter() - t0
+    macs0 = count(dense, x1)[1]
+    kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
+    xb = torch.rand(batch, 3, h, w, device=device)
+    nets = {k: n.to(device).eval() for k, n in nets.items()}
+    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
+    rows = {}
+    for k in nets:
+        speedup = statistics.median(d / p for d, p in zip(times["dense"], times[k], strict=True))
+        rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
+                   "fidelity": speedup * kept[k]}
+    measured = median_ratios(times, "dense")
+    for k in reports.keys() & HW_VARIANTS.keys():
+        lat = reports[k].extra.get("latency", {})
+        rows[k].update({"round_to": reports[k].extra.get("round_to"), "prune_s": prune_s[k],
+                        "predicted_ratio": lat.get("predicted_ratio"),
+                        "predicted_ratio_by_importance": lat.get("predicted_ratio_by_importance"),
+                        "latency_ratio": measured[k], "feedback": lat.get("feedback")})
+        if "target_latency" in HW_VARIANTS[k]:
+            rows[k]["within_5pct"] = abs(measured[k] - target) <= 0.05 * target
+    rows.update({k: {"refused": why, "within_5pct": False} for k, why in refused.items()})
+    for n in nets.values():
+        n.cpu()
+    return {"target": target, "variants": list(nets), **rows}
+
+
+def hardware_fingerprint(cmp: Compare, min_channels: int, tolerance: float) -> str:
+    """What section 5b's entries depend on besides their key (model, target): a changed variant reruns them."""
+    return fingerprint("side_hw", HW_VERSION, HW_VARIANTS, cmp.table_grid, cmp.table_repeats, cmp.table_warmup,
+                       min_channels, tolerance)
+
+
 def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
     """The two sections' tables."""
     lines = ["", "## Side by side: dense, mtprune at equal MACs, mtprune at equal latency, Torch-Pruning", "",
              "Fidelity = speed-up × MACs kept (1.0: latency falls as MACs do). The latency row prunes to "
              "`target_latency` = the target with a latency table of this device; ✓ when the measured latency ratio "
-             "lies within 5 % of the target.", "",
+             "lies within 5 % of the target. The `_hw` rows (timed in their own rotation, beside dense and "
+             "mtprune_macs again, whose fidelity there the last column gives) prune at MACs t with widths on the "
+             "channel blocks measured on this device (`round_to=\"measured\"`); `_hw_ties` also reorders the "
+             "near-ties of the ranking by the latency table (`rank_by=\"latency\"`); `mtprune_latency_hw` prunes "
+             "to latency t with those blocks.", "",
              "| model | target | variant | ms | speed-up | MACs kept | fidelity | latency ratio (predicted) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in side:
@@ -199,6 +278,22 @@ def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
                      if k == "mtprune_latency" else "")
             lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "
                          f"{v['macs_kept']:.3f} | {v['fidelity']:.2f} | {extra} |")
+        hw = row.get("hardware")
+        for k in HW_VARIANTS if hw else ():
+            v, base = hw[k], hw["mtprune_macs"]
+            if "refused" in v:
+                lines.append(f"| {row['model']} | {row['target']} | {k} | | | | | refused: below the latency floor |")
+                continue
+            blocks = ", ".join(f"{kind} {b}" for kind, b in sorted((v.get("round_to") or {}).items())
+                               if kind != "default" and b > 1) or "none"
+            note = f"beside mtprune_macs {base['fidelity']:.2f}; blocks: {blocks}"
+            if "within_5pct" in v:
+                note = (f"{v['latency_ratio']:.3f} ({v['predicted_ratio']:.3f}) {'✓' if v['within_5pct'] else '✗'}; "
+                        + note)
+            elif v.get("predicted_ratio_by_importance") is not None:
+                note += f"; predicted {v['predicted_ratio']:.3f} (ranking {v['predicted_ratio_by_importance']:.3f})"
+            lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "
+                         f"{v['macs_kept']:.3f} | {v['fidelity']:.2f} | {note} |")
     rounds = max((r.get("repeats", 1) for r in prune_time), default=1)
     lines += ["", "## Time to prune: mtprune.prune against Torch-Pruning's MetaPruner", "",
               "Wall time of one call each, from the same dense weights, median of "

@@ -107,7 +107,8 @@ def group_round_to(groups: list[ChannelGroup], kinds: Mapping[str, str], spec: i
     """``round_to`` per group from a per-layer-kind spec (``{"depthwise": 16, "pointwise": 8, "default": 1}``;
     kinds as in ``cost.layer_kind``): a group takes the largest value of the layers it touches. An int is kept."""
     if isinstance(spec, bool) or not isinstance(spec, int | Mapping):
-        raise MTPruneInputError(f"round_to must be an int or a dict of layer kinds to ints, got {spec!r}")
+        raise MTPruneInputError(f"round_to must be an int, a dict of layer kinds to ints, 'auto' or 'measured', "
+                                f"got {spec!r}")
     if isinstance(spec, int):
         if spec < 1:
             raise MTPruneInputError(f"round_to must be >= 1, got {spec}")
@@ -257,3 +258,102 @@ def plan_for_cost(groups: list[ChannelGroup], scores: Mapping[int, Tensor], trac
         elif g.index not in walks and widths[g.index] < g.channels:
             plan[g.index] = sorted(order[g.index][:g.channels - widths[g.index]])
     return plan
+
+
+def plan_near_ties(groups: list[ChannelGroup], scores: Mapping[int, Tensor], plan: Plan, latency: Tracker,
+                   macs: Tracker, goal: float, *, band: float = 0.25, normalize: str = "none", min_channels: int = 5,
+                   round_to: RoundTo = 1, part_ratios: Mapping[str, float] | None = None, mode: str = "global",
+                   tolerance: float = 0.005) -> Plan:
+    """The plan with the MACs of ``plan`` (the importance ranking's, ``plan_removal`` at a MACs target) that runs
+    fastest on the device, among those that only reorder near-ties of the importance ranking.
+
+    The global ranking (normalized scores, lowest first) removes n channels. Those ranked below n × (1 - band) are
+    removed as the ranking says, those ranked at or above n × (1 + band) are kept; within the band, where the
+    criterion's scores are close to the cut and their order is the least certain, channel blocks leave by the
+    most predicted latency saved per MAC saved (``latency`` and ``macs``: trackers of ``cost.CostModel``) until
+    ``macs`` meets ``goal`` (within ``tolerance``, blocks that would overshoot more wait for smaller ones). If the
+    band runs out first, the ranking's order continues past it (among blocks that do not overshoot; if all do, the
+    one that reaches the goal overshooting least). Channels leave each group lowest score first, in
+    blocks that keep widths multiples of ``round_to``, never below ``min_channels``; groups of parts with a fixed
+    ratio and groups of attention heads (whose removals must stay head-consistent) keep their removals in
+    ``plan``. The trade of importance for latency, as in HALP (Shen et al., NeurIPS
+    2022), but confined to the ranking's near-ties, so that the MACs and, outside the band, the channels removed
+    are those of the importance ranking. ``mode`` must be "global" (the band is one of a global ranking)."""
+    if mode != "global":
+        raise MTPruneInputError(f"plan_near_ties ranks channels globally; allocator {mode!r} has no global cut")
+    ratios = dict(part_ratios or {})
+    free = [g for g in groups if g.index in scores and g.part not in ratios and g.heads is None]
+    fixed = {gi: idxs for gi, idxs in plan.items() if gi not in {g.index for g in free}}
+    for gi, idxs in fixed.items():
+        latency.apply(gi, idxs)
+        macs.apply(gi, idxs)
+    values = torch.cat([_normalized(scores[g.index].float(), normalize) for g in free]).detach().cpu().numpy()
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[np.argsort(values, kind="stable")] = np.arange(len(values))
+    starts = np.cumsum([0] + [g.channels for g in free])
+    removed = sum(len(plan.get(g.index, ())) for g in free)
+    lo, hi = math.floor(removed * (1 - band)), math.ceil(removed * (1 + band))
+    order, ranks, widths, keeps = {}, {}, {}, {}
+    for g, start in zip(free, starts[:-1], strict=True):
+        r = rank[start:start + g.channels]
+        order[g.index] = np.argsort(r, kind="stable").tolist()  # the group's channels, lowest score first
+        ranks[g.index] = r[order[g.index]].tolist()
+        cap = _cap(g, min_channels)
+        step = round_to.get(g.index, 1) if isinstance(round_to, Mapping) else max(round_to, 1)
+        widths[g.index], keeps[g.index] = g.channels, _keeps(g, cap, step)
+        target = g.channels - min(sum(1 for v in ranks[g.index] if v < lo), cap)
+        keep = g.channels
+        while keeps[g.index] and keeps[g.index][0] >= target:  # the ranking's removals, width rounded up
+            keep = keeps[g.index].pop(0)
+        if keep < g.channels:
+            block = order[g.index][:g.channels - keep]
+            latency.apply(g.index, block)
+            macs.apply(g.index, block)
+            widths[g.index] = keep
+
+    def block(gi: int) -> list[int]:
+        n = len(order[gi])
+        return order[gi][n - widths[gi]:n - keeps[gi][0]]
+
+    def in_band(gi: int) -> bool:
+        return bool(keeps[gi]) and ranks[gi][len(order[gi]) - keeps[gi][0] - 1] < hi
+
+    def key(gi: int) -> tuple[float, int] | None:
+        b = block(gi)
+        saved = -macs.delta(gi, b)
+        return None if saved <= 0 else (latency.delta(gi, b) / saved, gi)  # most ms saved per MAC first
+
+    def advance(gi: int) -> None:
+        b = block(gi)
+        latency.apply(gi, b)
+        macs.apply(gi, b)
+        widths[gi] = keeps[gi].pop(0)
+
+    heap = [k for k in (key(gi) for gi in order if in_band(gi)) if k is not None]
+    heapq.heapify(heap)
+    while heap and macs.value > goal:
+        gi = heapq.heappop(heap)[1]
+        fresh = key(gi) if in_band(gi) else None
+        if fresh is None:
+            continue
+        if heap and fresh > heap[0]:  # the widths around it changed since it was queued
+            heapq.heappush(heap, fresh)
+            continue
+        if -macs.delta(gi, block(gi)) > macs.value - goal + tolerance * goal:
+            continue  # it would overshoot: smaller blocks first
+        advance(gi)
+        nxt = key(gi) if in_band(gi) else None
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    while macs.value > goal:  # the band ran out (or only overshooting blocks were left): the ranking's order,
+        saved = {gi: -macs.delta(gi, block(gi)) for gi in order if keeps[gi]}  # among blocks that do not overshoot
+        if not saved:
+            break
+        fits = [gi for gi, v in saved.items() if v <= macs.value - goal + tolerance * goal]
+        advance(min(fits, key=lambda gi: ranks[gi][len(order[gi]) - widths[gi]]) if fits else
+                min(saved, key=lambda gi: (saved[gi] < macs.value - goal, abs(saved[gi] - (macs.value - goal)))))
+    out = dict(fixed)
+    for g in free:
+        if widths[g.index] < g.channels:
+            out[g.index] = sorted(order[g.index][:g.channels - widths[g.index]])
+    return out

@@ -217,13 +217,17 @@ class LatencyTable:
         except (OSError, ValueError, AttributeError):
             return {}  # no cache yet, or a damaged one: measured again
 
-    def _time(self, layer: LayerShape, cin: int, cout: int) -> float:
+    def _time(self, layer: LayerShape, cin: int, cout: int, least: bool = False) -> float:
+        """Median (``least``: minimum, the least disturbed run) of ``repeats`` timings after ``warmup``."""
         s = self.setting
         dev, dtype = s.torch_device, DTYPES[s.dtype]
         torch.manual_seed(0)
         module, shape = _standalone(layer, cin, cout)
         module = module.to(dev, dtype).eval()
         x = torch.randn(s.batch, *shape, device=dev, dtype=dtype)
+        if least:
+            return min(interleaved_times({"layer": lambda: module(x)}, s.repeats, warm=max(s.warmup, 1),
+                                         device=dev)["layer"])
         return measure_latency(lambda: module(x), warmup=s.warmup, repeats=s.repeats, device=dev)
 
     def _measure(self, layer: LayerShape) -> dict[str, list]:
@@ -253,6 +257,22 @@ class LatencyTable:
             self.measured += 1
         merged = {**self._read(), **self.entries}  # keep what another process wrote meanwhile
         atomic_write_json(self.path, {"setting": self.setting.describe(), "entries": merged})
+
+    def sweep(self, layer: LayerShape, side: str, widths: Sequence[int]) -> list[float]:
+        """The layer's latency at each of ``widths`` on one side (``"out"``, or ``"in"``), the other width dense:
+        the staircases of ``blocking.measured_round_to``. Timed once per setting and cached with the table."""
+        key = f"sweep|{side}|{widths[0]}-{widths[-1]}|{_signature(layer)}"
+        if key not in self.entries:
+            def one(w: int) -> float:  # the least disturbed run: steps of a few % must stand out of the noise
+                if side == "out":
+                    return self._time(layer, w if layer.kind == "depthwise" else layer.cin, w, least=True)
+                return self._time(layer, w, layer.cout, least=True)
+            with _Threads(self.setting.threads), torch.inference_mode():
+                self.entries[key] = {"widths": list(widths), "ms": [one(w) for w in widths]}
+            self.measured += 1
+            merged = {**self._read(), **self.entries}  # keep what another process wrote meanwhile
+            atomic_write_json(self.path, {"setting": self.setting.describe(), "entries": merged})
+        return list(self.entries[key]["ms"])
 
     def __call__(self, layer: LayerShape, cin: int, cout: int) -> float:
         e = self.entries[_signature(layer)]

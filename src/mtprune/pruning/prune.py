@@ -24,7 +24,8 @@ from ..tasks.base import Task
 from ..utils.errors import MTPruneInputError
 from ..utils.inputs import first_samples, input_spec
 from ..utils.runtime import eval_mode
-from .allocate import Plan, group_round_to, plan_for_cost, plan_removal
+from .allocate import Plan, group_round_to, plan_for_cost, plan_near_ties, plan_removal
+from .blocking import device_round_to
 from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
@@ -208,7 +209,7 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
           engine: StatisticsEngine | None = None, graph: PruningGraph | None = None,
           pagcp: Mapping[str, object] | None = None, normalize: str | None = None,
           target_latency: float | None = None, target_latency_ms: float | None = None,
-          latency: LatencySetting | Mapping[str, object] | None = None) -> PruneReport:
+          latency: LatencySetting | Mapping[str, object] | None = None, rank_by: str = "importance") -> PruneReport:
     """Prune ``model`` in place, physically. Returns a ``PruneReport``.
 
     ``target_latency`` (a fraction of the dense latency, in (0, 1)) or ``target_latency_ms`` (milliseconds)
@@ -218,8 +219,15 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     ``"layer"`` every group loses the same fraction. The prediction lands in ``extra["latency"]``.
 
     ``round_to`` keeps widths multiples of a number: one for every group, a dict per layer kind
-    (``{"depthwise": 16, "pointwise": 8, "default": 1}``), or ``"auto"`` for the device's channel blocking
-    (``latency.hardware_round_to``).
+    (``{"depthwise": 16, "pointwise": 8, "default": 1}``), ``"auto"`` for the device's channel blocking as its
+    instruction set implies it (``latency.hardware_round_to``), or ``"measured"``: the blocks found per layer kind
+    in latency sweeps on the device of ``latency`` (``blocking.device_round_to``; cached with its latency table).
+
+    ``rank_by="latency"`` (``target_macs`` with ``allocator="global"``) keeps the MACs of the importance ranking
+    but reorders its near-ties (the channels ranked within ±25 % of the cut) by predicted latency saved per MAC
+    on the device of ``latency`` (``allocate.plan_near_ties``): at equal MACs, a plan predicted to run faster
+    there (the ranking's own plan when that is predicted no slower).
+    Within each group channels still leave lowest score first. Both predictions land in ``extra["latency"]``.
 
     ``normalize`` ("none" or "mean") overrides how global ranking compares groups: raw scores (Molchanov et
     al. 2019; Garg et al. 2023) let layers with large score scales keep their filters, "mean" divides each
@@ -240,6 +248,11 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     if allocator not in ("global", "layer", *LOOP_ALLOCATORS):
         known = ["global", "layer", *LOOP_ALLOCATORS]
         raise MTPruneInputError(f"allocator must be one of {known}, got {allocator!r}")
+    if rank_by not in ("importance", "latency"):
+        raise MTPruneInputError(f"rank_by must be 'importance' or 'latency', got {rank_by!r}")
+    if rank_by == "latency" and (name != "target_macs" or allocator != "global"):
+        raise MTPruneInputError(f"rank_by='latency' needs target_macs and allocator='global' (got {name}, "
+                                f"allocator={allocator!r}); latency targets rank by latency already")
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     if crit.needs_data and (data is None or losses is None) and engine is None:
         raise MTPruneInputError(f"criterion {crit.name!r} needs gradients: pass data= and losses= to mtprune.prune")
@@ -266,8 +279,9 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     cost = CostModel(model, example_inputs, graph)  # the traced forward's counts: trials are costed from widths
     params0, macs0 = cost.params_total, cost.macs_total
     widths0 = graph.widths()
-    rounding = group_round_to(graph.groups, {n: s.kind for n, s in cost.layers.items()},
-                              hardware_round_to(lat_setting) if round_to == "auto" else round_to)
+    spec = {"auto": lambda: hardware_round_to(lat_setting), "measured": lambda: device_round_to(cost, lat_setting)
+            }.get(round_to, lambda: round_to)() if isinstance(round_to, str) else round_to
+    rounding = group_round_to(graph.groups, {n: s.kind for n, s in cost.layers.items()}, spec)
     if crit.needs_data and engine is None:
         engine = gather_statistics(model, graph, crit, data, losses, batches)
     scores = criterion_scores(model, graph, crit, engine=engine)
@@ -283,8 +297,21 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
     plan_kw = {"mode": allocator, "normalize": normalize or crit.normalize, "min_channels": min_channels,
                "round_to": rounding, "part_ratios": part_ratios}
     extra: dict[str, object] = {"allocator": allocator}
+    if isinstance(round_to, str):  # the per-kind blocks the device got ("auto": assumed, "measured": detected)
+        extra["round_to"] = dict(spec) if isinstance(spec, Mapping) else spec
     if name == "channel_ratio":
         plan, fraction = plan_removal(graph.groups, scores, value, **plan_kw), value
+    elif rank_by == "latency":  # target_macs (checked above): the ranking's near-ties reordered by latency
+        ranked, _ = search_fraction(graph, scores, cost.macs, value * macs0, plan_kw, tolerance)
+        lat = latency_model(model, example_inputs, cost, lat_setting)
+        plan = plan_near_ties(graph.groups, scores, ranked, cost.tracker(lat.layer_cost), cost.tracker(cost.layer_macs),
+                              cost.macs(ranked) - cost.other_macs, tolerance=tolerance, **plan_kw)
+        if lat.predict(plan) >= lat.predict(ranked):  # the greedy found nothing faster: the ranking's plan
+            plan = ranked
+        fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
+        extra["latency"] = {**lat.describe(), "predicted_ms": lat.predict(plan),
+                            "predicted_ratio": lat.predict(plan) / lat.dense_ms,
+                            "predicted_ratio_by_importance": lat.predict(ranked) / lat.dense_ms}
     elif name in ("target_macs", "target_params"):
         goal = value * (macs0 if name == "target_macs" else params0)
         plan, fraction = search_fraction(graph, scores, cost.macs if name == "target_macs" else cost.params, goal,
