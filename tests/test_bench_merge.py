@@ -183,6 +183,35 @@ def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
                           .rglob("*"))
 
 
+def test_new_refine_reruns_no_merging_and_keeps_naive(suites, monkeypatch, tmp_path):
+    """A changed ``prune.refine`` (which every walk takes) reruns PAM and no merging, reusing only naive merging's
+    results, and keeps the MFIS entry of the same networks."""
+    import shutil
+
+    out, _ = suites
+    mfis = shutil.copytree(out, tmp_path / "mfis")
+    old = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("reuse_only"))
+        return run_merge(*args, **kwargs)
+
+    def boom(*a, **k):
+        raise RuntimeError("MFIS recomputed")
+
+    monkeypatch.setattr(M, "run_merge", spy)
+    monkeypatch.setattr(M, "run_from_config", boom)
+    monkeypatch.setitem(M.PRESENCE_SCALE, "small", [*M.PRESENCE_SCALE["small"], "prune.refine=0"])
+    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0])
+    new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    assert seen == [["naive"]] and new["summary"]["reused"] == ["naive"]
+    assert new["base_fingerprint"] == old["base_fingerprint"]
+    assert new["no_merge_fingerprint"] != old["no_merge_fingerprint"] and new["naive_refine"] == old["naive_refine"]
+    assert new["summary"]["budgets"]["naive"] == old["summary"]["budgets"]["naive"]
+    assert all("refine" not in st for v in new["summary"]["budgets"]["no_merge"].values() for st in v["steps"])
+
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 

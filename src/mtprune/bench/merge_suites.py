@@ -14,9 +14,12 @@ kind of task (digit presence, ±1 labels split 0–4 / 5–9, tanh + MSE, LeNet-
 with the permutation-null relevance test, and MFIS choosing the cheapest front point within the accuracy budget.
 There PAM is pruned with a per-task stopping rule (``PRESENCE_PAM_LADDER = "per_task"``, ``prune.per_task``): the
 joint ladder, then each task's exclusive part alone down to its own limit, as no merging prunes each network to
-its own limit; the entry also records where the joint ladder alone stopped (``pam_joint``), and a changed PAM
-ladder reruns only PAM (no merging and naive merging are taken from the stored entry of the same base settings,
-and MFIS's entries, keyed by those base settings, stay).
+its own limit, the whole merged network fine-tuned on both losses after each per-task step
+(``PRESENCE_PER_TASK_FINETUNE``); every walk, no merging's too, bisects past its first failed rung
+(``prune.refine`` in the config); the entry also records where the joint ladder alone stopped (``pam_joint``),
+and a changed PAM ladder reruns only PAM (no merging and naive merging are taken from the stored entry of the
+same base settings, no merging only if it was walked with the same ``prune.refine``, and MFIS's entries, keyed
+by those base settings, stay).
 Their summaries carry a ``presence_lenet`` entry with the verdicts over the seeds (:func:`presence_digest`,
 :func:`mfis_presence_digest`); the left/right multidigits entries stay as a stress test.
 
@@ -70,9 +73,11 @@ MFIS_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
               for m in MODELS},
 }
 # the presence testbed: the cheapest front point within the accuracy budget, not the knee (issue 16), fine-tuned
-# with PAM's retraining schedule on the same networks (configs/merge_pam_presence.yaml: 12 epochs, lr 0.002)
+# with PAM's retraining schedule on the same networks (configs/merge_pam_presence.yaml: 12 epochs, lr 0.002); when
+# no point tried is within the budget, the nearest miss is fine-tuned 12 epochs more (rescue_epochs; ours)
 MFIS_SETTINGS["cpu"]["presence_lenet"] = {
-    "pop_size": 100, "generations": 150, "select": "budget", "budget": {"accuracy_drop": 2.0, "candidates": 5},
+    "pop_size": 100, "generations": 150, "select": "budget",
+    "budget": {"accuracy_drop": 2.0, "candidates": 5, "rescue_epochs": 12},
     "finetune": {"epochs": 12, "batch_size": 64, "lr": 0.002, "scheduler": "cosine"}}
 MFIS_SETTINGS["small"]["presence_lenet"] = {**MFIS_SETTINGS["small"]["lenet"], "select": "budget",
                                             "budget": {"accuracy_drop": 100.0, "candidates": 2}}
@@ -106,8 +111,14 @@ def _dump(cfg: Any) -> str:
     for key in ("relevance", "budget"):
         if key in raw.get("merge", {}) and raw["merge"][key] is None:
             del raw["merge"][key]
+    if (raw.get("merge", {}).get("budget") or {}).get("rescue_epochs") == 0:  # MFIS without a rescue: as before
+        del raw["merge"]["budget"]["rescue_epochs"]
     if not raw.get("prune", {}).get("per_task", True):  # the joint-only ladder: as before the option existed
         del raw["prune"]["per_task"]
+    if raw.get("prune", {}).get("refine", 1) == 0:  # the rungs only: as before the option existed
+        del raw["prune"]["refine"]
+    if raw.get("prune", {}).get("per_task_finetune") == "branch":  # as before the option existed
+        del raw["prune"]["per_task_finetune"]
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -175,9 +186,18 @@ def _stash(run_dir: Path, names: Sequence[str]):
 
 
 def _base_fingerprint(cfg: Any) -> str:
-    """The fingerprint of ``cfg`` with PAM's joint-only ladder: what the single-task networks, no merging and
-    naive merging depend on (equal to the fingerprint of entries computed before ``prune.per_task``)."""
-    return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"per_task": False})})))
+    """The fingerprint of ``cfg`` with PAM's joint-only ladder and no refinement: what the single-task networks
+    and naive merging depend on (equal to the fingerprint of entries computed before ``prune.per_task`` and
+    ``prune.refine``); MFIS's entries are keyed by it."""
+    return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(
+        update={"per_task": False, "per_task_finetune": "branch", "refine": 0})})))
+
+
+def _no_merge_fingerprint(cfg: Any) -> str:
+    """The fingerprint of what no merging depends on: ``cfg`` with PAM's joint-only ladder (``prune.refine``,
+    which every walk takes, stays)."""
+    return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(
+        update={"per_task": False, "per_task_finetune": "branch"})})))
 
 
 def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
@@ -191,26 +211,34 @@ def _merge_entry(cfg: Any, label: str, meta: dict[str, Any], scale: str, folder:
     """The fingerprint and the function running ``mtprune merge`` with ``cfg`` in ``folder/<label>``.
 
     ``fn(previous=entry)``: a stored entry of the same base settings (:func:`_base_fingerprint`: everything but
-    PAM's per-task continuation) lends its no merging and naive results (``run_merge(reuse=...)``), which do not
-    depend on how PAM is pruned, so only PAM's merging and pruning are redone."""
-    fingerprint, base = _fingerprint(_dump(cfg)), _base_fingerprint(cfg)
+    PAM's per-task continuation and ``prune.refine``) lends its naive results, and its no merging results when
+    they were pruned with the same ``prune.refine`` (:func:`_no_merge_fingerprint`) (``run_merge(reuse=...)``);
+    neither depends on how PAM is pruned, so only PAM's merging and pruning (and no merging's) are redone. Naive
+    merging lent by an entry of another ``prune.refine`` keeps that walk (the entry says ``naive_refine``)."""
+    fingerprint, base, no_merge = _fingerprint(_dump(cfg)), _base_fingerprint(cfg), _no_merge_fingerprint(cfg)
 
     def fn(previous: Mapping[str, Any] | None = None) -> dict:
         started = time.perf_counter()
-        reuse = previous["summary"] if previous and previous.get("base_fingerprint",
-                                                                  previous.get("fingerprint")) == base else None
-        kept = _stash(folder / label, REUSED_DIRS) if reuse is not None else None  # their training logs stay
+        prev_base = previous.get("base_fingerprint", previous.get("fingerprint")) if previous else None
+        reuse = previous["summary"] if previous and prev_base == base else None
+        reuse_only = ["naive"] + (["no_merge"] if previous and previous.get("no_merge_fingerprint", prev_base)
+                                  == no_merge else [])
+        naive_refine = (previous.get("naive_refine", previous.get("settings", {}).get("refine", 0))
+                        if reuse is not None else cfg.prune.refine)
+        dirs = [d for d in REUSED_DIRS if any(a in d for a in reuse_only)]
+        kept = _stash(folder / label, dirs) if reuse is not None else None  # their training logs stay
         run_dir = prepare_run_dir(folder / label, overwrite=True)
         singles = prepare_singles(cfg, folder / "runs" / "singles", run_dir / "singles")
         run_cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"singles": str(run_dir / "singles")})})
-        summary = run_merge(run_cfg, run_dir, quiet=True, reuse=reuse)
+        summary = run_merge(run_cfg, run_dir, quiet=True, reuse=reuse, reuse_only=reuse_only)
         strip_weights(run_dir)
         if kept is not None:
             shutil.copytree(kept.name, run_dir, dirs_exist_ok=True)
             kept.cleanup()
         return {**meta, "tasks": cfg.tasks, "scale": scale, "singles": singles,
                 "seconds": time.perf_counter() - started, "summary": summary,
-                "settings": _pam_settings(cfg), "base_fingerprint": base,
+                "settings": _pam_settings(cfg), "base_fingerprint": base, "no_merge_fingerprint": no_merge,
+                "naive_refine": naive_refine,
                 **({"reused_from": previous["fingerprint"]} if reuse is not None else {})}
 
     return fingerprint, fn
@@ -224,6 +252,9 @@ PRESENCE_SCALE: dict[str, list[str]] = {"cpu": [], "small": ["merge.relevance=nu
 # PAM's pruning on the presence testbed: the joint ladder, then each task's exclusive part alone (continuation.py),
 # the per-task stopping rule no merging has; "joint" is the joint-only ladder (the entries before issue 16's rerun)
 PRESENCE_PAM_LADDER = "per_task"
+# how a per-task step is fine-tuned: "joint" (the whole merged network on both losses, as a joint rung) or "branch"
+# (the task's exclusive part alone, the rest frozen; the entries before the rerun of 2026-12-03 15:30 UTC)
+PRESENCE_PER_TASK_FINETUNE = "joint"
 
 
 def _presence_config(seed: int, scale: str, threads: int):
@@ -231,7 +262,8 @@ def _presence_config(seed: int, scale: str, threads: int):
         raise ValueError(f"unknown scale {scale!r} for the merge suites; known: {', '.join(SCALE_OVERRIDES)}")
     overrides = [f"name=pam_{PRESENCE}_s{seed}", f"seed={seed}", f"threads={threads}", f"cost.threads={threads}",
                  *SCALE_OVERRIDES[scale], *PRESENCE_SCALE[scale],
-                 f"prune.per_task={str(PRESENCE_PAM_LADDER == 'per_task').lower()}"]
+                 f"prune.per_task={str(PRESENCE_PAM_LADDER == 'per_task').lower()}",
+                 f"prune.per_task_finetune={PRESENCE_PER_TASK_FINETUNE}"]
     return load_merge_config(_config_dir() / PRESENCE_CONFIG, overrides)
 
 
@@ -344,6 +376,8 @@ def _pam_settings(cfg) -> dict:
             cfg.merge.alpha_linear], "noise_var": cfg.merge.noise_var, "naive_split": cfg.merge.naive_split,
             "retrain_epochs": cfg.merge.retrain.epochs, "ladder": cfg.prune.ladder,
             "accuracy_drop": cfg.prune.accuracy_drop, "finetune_epochs": cfg.prune.finetune.epochs,
+            "refine": cfg.prune.refine, "per_task": cfg.prune.per_task,
+            "per_task_finetune": cfg.prune.per_task_finetune,
             "latency_batch": cfg.cost.batch_size, "threads": cfg.threads,
             **({"relevance": cfg.merge.relevance.model_dump(mode="json")} if cfg.merge.relevance else {})}
 
@@ -414,11 +448,13 @@ def _pam_digest(entry: Mapping[str, Any]) -> dict:
 
 def _ladder(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The pruning ladder an approach walked: MAC fraction after each step, budget met, refused by the pruner."""
-    return [{"fraction": st["fraction"], "ok": st["ok"], "refused": "error" in st} for st in steps]
+    return [{"fraction": st["fraction"], "ok": st["ok"], "refused": "error" in st,
+             **({"refine": True} if st.get("refine") else {})} for st in steps]
 
 
 def _ladder_text(steps: Sequence[Mapping[str, Any]]) -> str:
-    marks = [f"{st['fraction']:.2f} " + ("refused" if st.get("refused") else "✓" if st["ok"] else "✗") for st in steps]
+    marks = [("bisect " if st.get("refine") else "") + f"{st['fraction']:.2f} "
+             + ("refused" if st.get("refused") else "✓" if st["ok"] else "✗") for st in steps]
     return " → ".join(marks) or "–"
 
 
@@ -525,8 +561,9 @@ def _render_presence(e: Mapping[str, Any]) -> list[str]:
                   "with a per-task stopping rule, as no merging prunes each network to its own limit: the joint "
                   "ladder prunes the whole merged network until the first task leaves the budget; then each task's "
                   "exclusive part walks the ladder alone (rungs are fractions of its exclusive MACs), the shared "
-                  "trunk and the other branches protected from pruning and frozen, until that task reaches its own "
-                  f"limit. The joint ladder alone (where it stopped, same runs): no merging / PAM "
+                  "trunk and the other branches protected from pruning, until that task reaches its own limit; "
+                  f"after each of its steps {_finetune_text(e)}. {_refine_text(e)}"
+                  f"The joint ladder alone (where it stopped, same runs): no merging / PAM "
                   f"**{j['no_merge_over_pam_all_tasks']:.2f}×** for both tasks (mean), "
                   f"**{j['no_merge_over_pam_single_task_min']:.2f}×** for a single task (smallest).", "",
                   "| seed | joint ladder: MAC fraction | joint only: both | joint only: single (min) | "
@@ -539,6 +576,23 @@ def _render_presence(e: Mapping[str, Any]) -> list[str]:
     for k, run in e["runs"].items():
         lines += _render_entry(f"{PRESENCE} {k}", run)
     return lines
+
+
+def _settings_of(e: Mapping[str, Any]) -> Mapping[str, Any]:
+    return next(iter(e.get("runs", {}).values()), {}).get("settings", {})
+
+
+def _finetune_text(e: Mapping[str, Any]) -> str:
+    if _settings_of(e).get("per_task_finetune") == "joint":
+        return "the whole merged network fine-tunes on every task's loss, as after a joint rung (ours)"
+    return "only that branch fine-tunes, on its own task's loss, the rest frozen"
+
+
+def _refine_text(e: Mapping[str, Any]) -> str:
+    k = _settings_of(e).get("refine", 0)
+    return (f"Every walk (no merging, naive merging, PAM's joint ladder and per-task walks) takes {k} bisection "
+            "steps between its first rung out of the budget and the last rung within it (`prune.refine`, ours; "
+            "`bisect` below). ") if k else ""
 
 
 def _per_task(values: Mapping[str, Any], tasks: Sequence[str]) -> str:
@@ -675,9 +729,18 @@ def _mfis_entry(entries: Entries, label: str, settings_key: str, model: str, cfg
     """One ``mfis`` entry: MFIS on the single-task networks of the ``pam`` entry ``pam`` (same ``cfg``)."""
     probe = _mfis_config(cfg, settings_key, scale, threads, Path("singles"))
     # the pam entry's base settings (its networks; not how PAM is pruned), so a new PAM ladder keeps MFIS's entries
-    fingerprint = _fingerprint(_dump(probe), pam.get("base_fingerprint", pam["fingerprint"]))
+    networks = pam.get("networks_fingerprint", pam.get("base_fingerprint", pam["fingerprint"]))
+    fingerprint = _fingerprint(_dump(probe), networks)
+    without_rescue = _fingerprint(_dump(_without_rescue(probe)), networks)
 
-    def fn() -> dict:
+    def fn(previous: Mapping[str, Any] | None = None) -> dict:
+        if (previous and previous.get("fingerprint") == without_rescue != fingerprint
+                and (previous["summary"].get("budget") or {}).get("within_budget")):
+            # a candidate met the budget, so the rescue (only for a search that found none) would not have run:
+            # the stored run is this run
+            kept = {k: v for k, v in previous.items() if k != "fingerprint"}
+            return {**kept, "settings": {**kept["settings"], "budget": probe.merge.budget.model_dump()},
+                    "rescue_not_needed": previous["fingerprint"]}
         started = time.perf_counter()
         run_dir = prepare_run_dir(folder / label, overwrite=True)
         singles = prepare_singles(cfg, pam_folder / "runs" / "singles", run_dir / "singles")
@@ -691,7 +754,16 @@ def _mfis_entry(entries: Entries, label: str, settings_key: str, model: str, cfg
                              "align": mcfg.merge.align, "select": mcfg.merge.select},
                 "pam_fingerprint": pam["fingerprint"]}
 
-    return _get(entries, label, fingerprint, fn)
+    return _get(entries, label, fingerprint, fn, with_previous=True)
+
+
+def _without_rescue(mcfg: MFISConfig) -> MFISConfig:
+    """``mcfg`` with MFIS's budget rescue off (``merge.budget.rescue_epochs = 0``)."""
+    budget = mcfg.merge.budget
+    if budget is None:
+        return mcfg
+    return mcfg.model_copy(update={"merge": mcfg.merge.model_copy(
+        update={"budget": budget.model_copy(update={"rescue_epochs": 0})})})
 
 
 def mfis_presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -783,7 +855,7 @@ def _render_mfis_entry(label: str, e: Mapping[str, Any]) -> list[str]:
     if e.get("budget"):
         lines += ["", "Front points tried, cheapest first (MACs as a fraction of no merging; accuracy after "
                   "fine-tuning):", "", "| front point | MAC fraction | accuracy | within budget |", "|---|---|---|---|"]
-        lines += [f"| {t['index']} | {t['macs_fraction']:.3f} | "
+        lines += [f"| {t['index']}{' (longer fine-tune)' if t.get('rescue') else ''} | {t['macs_fraction']:.3f} | "
                   + ", ".join(f"{k} {v:.1f}" for k, v in t["acc"].items()) + f" | {t['within_budget']} |"
                   for t in e["budget"]["trials"]]
     lines += ["", "| subset | no merging, unpruned | no merging, pruned | PAM, pruned | MFIS | unpruned / MFIS | "

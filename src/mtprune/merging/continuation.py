@@ -10,6 +10,13 @@ every other task's branch are protected from pruning (:func:`prune_exclusive`) a
 
 The rungs are fractions of the task's exclusive MACs in the unpruned merged network (:func:`exclusive_macs`: what
 serving the task adds to serving all the others), as no merging's rungs are fractions of each network's MACs.
+
+What is He et al.'s and what is ours: the paper merges (relevance, partitions, merged network) and then prunes the
+merged network with an existing pruner; the per-task walk, the choice of fine-tuning after each of its steps
+(``prune.per_task_finetune``: ``branch``, only the task's exclusive part on its own loss with the rest frozen, or
+``joint``, the whole merged network on every task's loss as after a joint rung — the model every task is served
+from stays one, and every task is checked against the budget after each step) and the bisection after the first
+failed rung (``prune.refine``, which no merging's and naive merging's walks take alike) are ours.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@
    every task stays within ``prune.accuracy_drop`` points of its single-task network. Without merging, each
    network is pruned alone on its own task. With ``prune.per_task``, PAM's merged network gets the same per-task
    stopping rule: after the joint ladder stops (the first task at its budget), each task's exclusive part walks
-   the ladder alone, the shared trunk and the other branches protected and frozen, until that task is at its own
-   limit (``continuation.py``; still an ordinary pruner: same criterion, rungs, fine-tuning and budget check).
+   the ladder alone, the shared trunk and the other branches protected (fine-tuning that branch alone, or with
+   ``prune.per_task_finetune: joint`` the whole network on every loss), until that task is at its own limit
+   (``continuation.py``; still an ordinary pruner: same criterion, rungs, fine-tuning and budget check).
+   With ``prune.refine`` (ours, not the paper's), every walk alike (no merging, naive, PAM's joint ladder and its
+   per-task walks) takes that many bisection steps between its first rung out of the budget and the last rung
+   within it, each from the model kept at the latter, fine-tuned as a rung is.
 5. Measure MACs and latency of every task subset; write the cost table, the figure and a report.
 
 Kill and resume (``resume=True``, ``mtprune merge --resume``): every training of the run (single-task networks,
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +105,12 @@ class BudgetPruneSection(_Strict):
     finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4, weight_decay=0.0))
     # PAM only: after the joint ladder stops, each task's exclusive part walks the ladder alone (continuation.py)
     per_task: bool = False
+    # how each per-task step is fine-tuned: "branch" (only that task's exclusive part, on its own loss, the rest
+    # frozen) or "joint" (the whole merged network on every task's loss, as a joint rung; ours)
+    per_task_finetune: Literal["branch", "joint"] = "branch"
+    # ours, every walk alike (no merging, naive, PAM's joint ladder and per-task walks): after the first rung out of
+    # the budget, this many bisection steps between it and the last rung within the budget (0: the rungs only)
+    refine: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _ladder(self) -> BudgetPruneSection:
@@ -225,6 +235,8 @@ class _Runner:
             steps.append({"fraction": current, "acc": acc, "ok": ok})
             log.info("%s: %.3f of the MACs, accuracy %s (%s)", where, current, acc, "ok" if ok else "over budget")
             if not ok:
+                if best is not None:
+                    best = self._refine_joint(best, current, tasks, floor, macs0, where, steps)
                 break
             best = (copy.deepcopy(model), acc, current)
         if best is None:
@@ -232,12 +244,60 @@ class _Runner:
         kept, acc, fraction = best
         return kept.cpu(), {"steps": steps, "budget_met": True, "fraction": fraction, "acc": acc}
 
+    def _bisect(self, kept: float, failed: float, attempt: Any) -> None:
+        """``prune.refine`` bisection steps (ours): ``attempt(target, j)`` prunes a copy of the model kept at
+        fraction ``kept`` towards ``target`` (halfway to the ``failed`` fraction), fine-tunes and scores it, and
+        returns ``(ok, fraction reached)``, or None when the widths cannot land strictly between the two."""
+        for j in range(self.cfg.prune.refine):
+            result = attempt((kept + failed) / 2, j)
+            if result is None:
+                return
+            ok, reached = result
+            kept, failed = (reached, failed) if ok else (kept, reached)
+
+    def _refine_joint(self, best: tuple[nn.Module, dict[str, float], float], failed: float,
+                      tasks: Mapping[str, Task], floor: Mapping[str, float], macs0: int, where: str,
+                      steps: list[dict[str, Any]]) -> tuple[nn.Module, dict[str, float], float]:
+        """The ladder's refinement (``prune.refine``): the best model within the budget after the bisection."""
+        p = self.cfg.prune
+        x = self.example.to(self.device)
+        found = [best]
+
+        def attempt(target: float, j: int) -> tuple[bool, float] | None:
+            kept, _, fraction = found[-1]
+            model = copy.deepcopy(kept).to(self.device)
+            try:
+                prune(model, x, p.criterion, target_macs=target / fraction, data=self.stats_loader(),
+                      losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
+                      min_channels=p.min_channels, seed=self.cfg.seed)
+            except MTPruneInputError:
+                return None
+            current = profile(model, x, latency=False).macs / macs0
+            if not failed_at[0] + 1e-3 < current < fraction - 1e-3:  # no width between the two: nothing to try
+                return None
+            self.fit(model, tasks, p.finetune, f"{where}/refine{j + 1}")
+            acc = self.score(model, tasks)
+            ok = all(acc[t] >= floor[t] for t in tasks)
+            steps.append({"fraction": current, "acc": acc, "ok": ok, "refine": True})
+            log.info("%s: refined to %.3f of the MACs, accuracy %s (%s)", where, current, acc,
+                     "ok" if ok else "over budget")
+            if ok:
+                found.append((copy.deepcopy(model), acc, current))
+            else:
+                failed_at[0] = current
+            return ok, current
+
+        failed_at = [failed]
+        self._bisect(best[2], failed, attempt)
+        return found[-1]
+
     def prune_per_task(self, model: MergedNet, tasks: Mapping[str, Task], reference: Mapping[str, float],
                        dense_exclusive: Mapping[str, int], where: str) -> tuple[MergedNet, dict[str, Any]]:
         """After the joint ladder: each task in turn walks the same ladder on its exclusive part only (rungs are
         fractions of ``dense_exclusive[t]``, its exclusive MACs unpruned), the shared trunk and the other branches
-        protected and frozen, fine-tuning on its own loss; its walk stops at the first rung that takes any task out
-        of the budget, and the model of the rung before is kept (see ``continuation.py``)."""
+        protected (and, with ``per_task_finetune: branch``, frozen while it fine-tunes on its own loss; with
+        ``joint`` the whole network fine-tunes on every loss); its walk stops at the first rung that takes any task
+        out of the budget, and the model of the rung before is kept (see ``continuation.py``)."""
         p = self.cfg.prune
         floor = {t: reference[t] - p.accuracy_drop for t in tasks}
         model.to(self.device)
@@ -245,63 +305,111 @@ class _Runner:
         acc = self.score(model, tasks)
         walks: dict[str, list[dict[str, Any]]] = {}
         for t in tasks:
-            current = exclusive_macs(model, t, x) / max(dense_exclusive[t], 1)
+            dense = max(dense_exclusive[t], 1)
+            current = exclusive_macs(model, t, x) / dense
             steps: list[dict[str, Any]] = [{"fraction": current, "acc": acc, "ok": True}]
-            best = (copy.deepcopy(model), acc)
+            best = (copy.deepcopy(model), acc, current)
             for k, rung in enumerate(v for v in p.ladder if v < current - 1e-3):
-                before, whole = exclusive_macs(model, t, x), profile(model, x, latency=False).macs
-                goal = (whole - (before - rung * dense_exclusive[t])) / whole
-                try:
-                    with warnings.catch_warnings():  # the branch may not reach the rung: it goes as far as it can
-                        warnings.simplefilter("ignore")
-                        prune_exclusive(model, t, x, goal, criterion=p.criterion, data=self.stats_loader(),
-                                        losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
-                                        min_channels=p.min_channels, seed=self.cfg.seed)
-                except MTPruneInputError as err:
-                    steps.append({"fraction": current, "acc": acc, "ok": False, "error": str(err)[:300]})
+                reached = self._prune_exclusive_to(model, t, x, rung, dense, tasks)
+                if isinstance(reached, str):  # refused, or nothing left to prune: the model is unchanged
+                    steps.append({"fraction": current, "acc": acc, "ok": False, "error": reached})
                     break
-                after = exclusive_macs(model, t, x)
-                if after >= before:
-                    steps.append({"fraction": current, "acc": acc, "ok": False, "error": "nothing left to prune"})
-                    break
-                current = after / max(dense_exclusive[t], 1)
-                with frozen_except(model, t):
-                    self.fit(model, {t: tasks[t]}, p.finetune, f"{where}/{t}/step{k + 1}")
+                current = reached
+                self._fit_step(model, t, tasks, f"{where}/{t}/step{k + 1}")
                 acc = self.score(model, tasks)
                 ok = all(acc[s] >= floor[s] for s in tasks)
                 steps.append({"fraction": current, "acc": acc, "ok": ok})
                 log.info("%s/%s: %.3f of its exclusive MACs, accuracy %s (%s)", where, t, current, acc,
                          "ok" if ok else "over budget")
                 if not ok:
+                    best = self._refine_exclusive(best, current, t, dense, tasks, floor, f"{where}/{t}", steps)
                     break
-                best = (copy.deepcopy(model), acc)
-            model, acc = best
+                best = (copy.deepcopy(model), acc, current)
+            model, acc, _ = best
             walks[t] = steps
         return model.cpu(), {"acc": acc, "walks": walks}
 
 
+    def _fit_step(self, model: MergedNet, task: str, tasks: Mapping[str, Task], where: str) -> None:
+        """Fine-tune after pruning ``task``'s exclusive part: that part alone on its own loss (``"branch"``), or
+        the whole merged network on every task's loss, as after a joint rung (``"joint"``)."""
+        if self.cfg.prune.per_task_finetune == "joint":
+            self.fit(model, tasks, self.cfg.prune.finetune, where)
+            return
+        with frozen_except(model, task):
+            self.fit(model, {task: tasks[task]}, self.cfg.prune.finetune, where)
+
+    def _prune_exclusive_to(self, model: MergedNet, task: str, x: torch.Tensor, fraction: float, dense: int,
+                            tasks: Mapping[str, Task]) -> float | str:
+        """Prune ``task``'s exclusive part in place towards ``fraction`` of its ``dense`` exclusive MACs; the
+        fraction reached, or why nothing was pruned (the model then is unchanged)."""
+        p = self.cfg.prune
+        before, whole = exclusive_macs(model, task, x), profile(model, x, latency=False).macs
+        goal = (whole - (before - fraction * dense)) / whole
+        try:
+            with warnings.catch_warnings():  # the branch may not reach the rung: it goes as far as it can
+                warnings.simplefilter("ignore")
+                prune_exclusive(model, task, x, goal, criterion=p.criterion, data=self.stats_loader(),
+                                losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
+                                min_channels=p.min_channels, seed=self.cfg.seed)
+        except MTPruneInputError as err:
+            return str(err)[:300]
+        after = exclusive_macs(model, task, x)
+        return after / dense if after < before else "nothing left to prune"
+
+    def _refine_exclusive(self, best: tuple[MergedNet, dict[str, float], float], failed: float, task: str,
+                          dense: int, tasks: Mapping[str, Task], floor: Mapping[str, float], where: str,
+                          steps: list[dict[str, Any]]) -> tuple[MergedNet, dict[str, float], float]:
+        """A per-task walk's refinement (``prune.refine``), on ``task``'s exclusive part as the walk itself."""
+        x = self.example.to(self.device)
+        found, failed_at = [best], [failed]
+
+        def attempt(target: float, j: int) -> tuple[bool, float] | None:
+            kept, _, fraction = found[-1]
+            model = copy.deepcopy(kept).to(self.device)
+            reached = self._prune_exclusive_to(model, task, x, target, dense, tasks)
+            if isinstance(reached, str) or not failed_at[0] + 1e-3 < reached < fraction - 1e-3:
+                return None
+            self._fit_step(model, task, tasks, f"{where}/refine{j + 1}")
+            acc = self.score(model, tasks)
+            ok = all(acc[s] >= floor[s] for s in tasks)
+            steps.append({"fraction": reached, "acc": acc, "ok": ok, "refine": True})
+            log.info("%s: refined to %.3f of its exclusive MACs, accuracy %s (%s)", where, reached, acc,
+                     "ok" if ok else "over budget")
+            if ok:
+                found.append((copy.deepcopy(model), acc, reached))
+            else:
+                failed_at[0] = reached
+            return ok, reached
+
+        self._bisect(best[2], failed, attempt)
+        return found[-1]
+
+
 def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
-              reuse: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              reuse: Mapping[str, Any] | None = None, reuse_only: Sequence[str] = ("no_merge", "naive")
+              ) -> dict[str, Any]:
     """Run the whole comparison in ``run_dir``; returns the summary (also written to ``summary.json``).
 
     ``resume``: continue a killed run in ``run_dir``; the epochs it completed are not trained again.
     ``reuse``: the summary of an earlier run of the same settings and single-task networks, except for PAM's
     pruning (``prune.per_task``): its no merging and naive results (budgets, costs) are taken as they are, and
     neither is trained nor pruned again (their ``.mtp`` files are then not written). The caller vouches for the
-    settings; the single-task accuracies are checked against it.
+    settings; the single-task accuracies are checked against it. ``reuse_only``: which of the two are taken
+    (e.g. only naive merging, when no merging is pruned with another ``prune.refine``).
     """
     seed_everything(cfg.seed)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, run_dir, quiet, resume, reuse)
+        return _run(cfg, run_dir, quiet, resume, reuse, reuse_only)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapping[str, Any] | None
-         ) -> dict[str, Any]:
+def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapping[str, Any] | None,
+         reuse_only: Sequence[str]) -> dict[str, Any]:
     r = _Runner(cfg, run_dir, quiet, resume)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     names = list(r.tasks)
@@ -335,19 +443,22 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapp
 
     pruned_singles: dict[str, nn.Module] = {}
     naive_p: nn.Module | None = None
-    if reuse is None:
+    reused = [a for a in ("no_merge", "naive") if a in reuse_only] if reuse is not None else []
+    dense: dict[str, Any] = {a: reuse["dense_macs"][a] for a in reused} if reuse is not None else {}
+    budgets: dict[str, Any] = {a: reuse["budgets"][a] for a in reused} if reuse is not None else {}
+    if "naive" not in reused:
         seed_everything(cfg.seed)
         naive = naive_merge(singles, r.example, cfg.merge.naive_split)
         r.fit(naive, r.tasks, cfg.train, "naive/train")
-        dense = {"no_merge": {t: macs(m) for t, m in singles.items()}, "naive": macs(naive), "pam": macs(merged)}
-        budgets: dict[str, Any] = {"no_merge": {}}
+        dense["naive"] = macs(naive)
+    if "no_merge" not in reused:
+        dense["no_merge"], budgets["no_merge"] = {t: macs(m) for t, m in singles.items()}, {}
         for t in names:
             pruned_singles[t], budgets["no_merge"][t] = r.prune_to_budget(
                 copy.deepcopy(singles[t]), {t: r.tasks[t]}, reference, f"prune/no_merge/{t}")
+    if "naive" not in reused:
         naive_p, budgets["naive"] = r.prune_to_budget(copy.deepcopy(naive), r.tasks, reference, "prune/naive")
-    else:
-        dense = {**{a: reuse["dense_macs"][a] for a in ("no_merge", "naive")}, "pam": macs(merged)}
-        budgets = {a: reuse["budgets"][a] for a in ("no_merge", "naive")}
+    dense["pam"] = macs(merged)
     dense_exclusive = {t: exclusive_macs(merged, t, r.example) for t in names}
     pam_p, budgets["pam"] = r.prune_to_budget(copy.deepcopy(merged), r.tasks, reference, "prune/pam")
     joint = None
@@ -364,7 +475,8 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapp
     torch.set_num_threads(cfg.cost.threads or run_threads)
     try:
         costs: dict[str, dict[str, SubsetCost]] = {
-            "no_merge": separate_costs(pruned_singles, x, **kw) if reuse is None else _costs(reuse, "no_merge", names),
+            "no_merge": (_costs(reuse, "no_merge", names) if "no_merge" in reused
+                         else separate_costs(pruned_singles, x, **kw)),
             "naive": merged_costs(naive_p, x, **kw) if naive_p is not None else _costs(reuse, "naive", names),
             "pam": merged_costs(pam_p, x, **kw),
         }
@@ -397,7 +509,7 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapp
         "pam_deploy": deploy, "pam_exclusive_macs": dense_exclusive,
         **({"pam_joint": {**joint, "no_merge_over_pam": {k: costs["no_merge"][k].macs / max(v, 1)
                                                          for k, v in joint["macs"].items()}}} if joint else {}),
-        **({"reused": ["no_merge", "naive"]} if reuse is not None else {}),
+        **({"reused": reused} if reused else {}),
         "setting": {"latency_batch_size": cfg.cost.batch_size, "threads": timing_threads,
                     "device": str(r.device)},
     }
@@ -437,14 +549,20 @@ def render_report(summary: Mapping[str, Any], partition_table: str) -> str:
     for name in ("naive", "pam"):
         v = b[name]
         lines.append(f"| {name} | {v['fraction']:.3f} | {_fmt_acc(v['acc'])} | {v['budget_met']} |")
+    refined = {k: [st["fraction"] for st in v["steps"] if st.get("refine")]
+               for k, v in [*(("no merging: " + t, w) for t, w in b["no_merge"].items()), ("naive", b["naive"]),
+                            ("pam", b["pam"])]}
+    if any(refined.values()):
+        lines += ["", "Bisection steps after the first rung out of the budget (`prune.refine`; MAC fractions): "
+                  + "; ".join(f"{k}: {', '.join(f'{f:.3f}' for f in v)}" for k, v in refined.items() if v) + "."]
     if "per_task" in b["pam"]:
         j = b["pam"]["joint"]
         lines += ["", f"PAM's joint ladder (the whole merged network) stopped at {j['fraction']:.3f} of its MACs "
                   f"({_fmt_acc(j['acc'])}); then each task's exclusive part walked the ladder alone, the shared "
                   "trunk and the other branches protected and frozen (fractions of the task's exclusive MACs):", ""]
         for t, steps in b["pam"]["per_task"].items():
-            marks = [f"{st['fraction']:.2f} " + ("refused" if "error" in st else "✓" if st["ok"] else "✗")
-                     for st in steps]
+            marks = [("bisect " if st.get("refine") else "") + f"{st['fraction']:.2f} "
+                     + ("refused" if "error" in st else "✓" if st["ok"] else "✗") for st in steps]
             lines.append(f"- {t}: " + " → ".join(marks))
     lines += ["", "## Cost per task subset (MMACs per sample; latency ms)", "",
               "| subset | no merging | naive | PAM | no merging / PAM | naive / PAM |", "|---|---|---|---|---|---|"]

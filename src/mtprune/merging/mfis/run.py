@@ -191,6 +191,8 @@ class MFISBudgetSection(_Strict):
 
     accuracy_drop: float = Field(2.0, ge=0)  # points below each task's single-task network
     candidates: int = Field(6, ge=1)
+    # ours: when no candidate is within the budget, fine-tune the nearest miss this many epochs more (0: never)
+    rescue_epochs: int = Field(0, ge=0)
 
 
 class MFISSection(_Strict):
@@ -394,17 +396,24 @@ def run_from_config(cfg_dict: Mapping[str, Any] | MFISConfig, run_dir: str | Pat
             train(net, dict(tasks), train_set, val_set, where, _train_config(m.finetune, cfg, quiet, where, resume))
         net.cpu().eval()
 
+    def rescue(net: nn.Module, epochs: int) -> None:  # the nearest miss, trained further on the same schedule
+        where = run_dir / "finetune" / "rescue"
+        section = m.finetune.model_copy(update={"epochs": epochs})
+        train(net, dict(tasks), train_set, val_set, where, _train_config(section, cfg, quiet, where, resume))
+        net.cpu().eval()
+
     budget_info: dict[str, Any] | None = None
     if m.select == "budget":
         b = m.budget or MFISBudgetSection()
         choice = select_within_budget(
             search.front, lambda i: search.build(i)[0], lambda net: score(net, tasks),
             lambda net, k: finetune(net, run_dir / "finetune" / f"trial{k}"), reference, b.accuracy_drop,
-            b.candidates)
+            b.candidates, rescue=(lambda net: rescue(net, b.rescue_epochs)) if b.rescue_epochs else None)
         merged, report = choice.net, search.build(choice.index)[1]
         acc_merged, acc_finetuned = choice.acc_at_merge, choice.acc
         budget_info = {"accuracy_drop": b.accuracy_drop, "candidates": b.candidates,
-                       "within_budget": choice.within_budget, "trials": choice.trials}
+                       "within_budget": choice.within_budget, "trials": choice.trials,
+                       **({"rescue_epochs": b.rescue_epochs} if b.rescue_epochs else {})}
     else:
         index = select_solution(search.front, m.select)
         merged, report = search.build(index)
