@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,16 @@ def test_written_file_matches_a_recomputation_from_the_entries(tmp_path):
     written = write_credibility(tmp_path, rows, halves)
     stored = json.loads((tmp_path / "credibility.json").read_text())
     assert stored == json.loads(json.dumps(credibility(ROWS, HALVES))) == json.loads(json.dumps(written))
+
+
+def test_committed_credibility_is_recomputed_from_the_committed_entries_and_holds():
+    """benchmarks/results/criteria/credibility.json: exactly what its stored entries give, and issue 13's bounds."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "criteria"
+    stored = json.loads((folder / "credibility.json").read_text())
+    assert stored == json.loads(json.dumps(credibility(*read_entries(folder))))
+    assert abs(stored["control_max_abs_task_change_pct"]) <= 1.5
+    assert stored["random_0.25_max_task_gain_pct"] <= 1.0
+    assert stored["max_task_gain_over_control_0.25_pct"] <= 2.0
+    assert stored["best_delta_m_0.1_pct"] <= -2.0
+    assert stored["seeds_min"] >= 3
+    assert all(stored["score_split_half_rank_corr"][c] >= 0.8 for c in ("taylor", "task_taylor", "cosprune"))
