@@ -167,17 +167,7 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
     nets = {"dense": dense, "mtprune_macs": at_macs, "mtprune_latency": at_latency, "torch_pruning": tp}
     if refused:
         del nets["mtprune_latency"]
-    kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
-    xb = torch.rand(batch, 3, h, w, device=device)
-    nets = {k: n.to(device).eval() for k, n in nets.items()}
-    # latency.interleaved_times: the timing function of the latency targets' feedback loop too
-    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
-    rows = {}
-    for k in nets:
-        speedups = [d / p for d, p in zip(times["dense"], times[k], strict=True)]
-        speedup = statistics.median(speedups)
-        rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
-                   "fidelity": speedup * kept[k]}
+    rows, times = _timed_rows(nets, x1, batch, macs0, repeats, device)
     if refused:
         rows["mtprune_latency"] = {"refused": refused, "within_5pct": False, "prune_s": latency_prune_s}
     else:  # the ratio the feedback loop aims at, computed the same way (latency.median_ratios)
@@ -192,6 +182,23 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
     for n in nets.values():
         n.cpu()
     return {"target": target, **rows}
+
+
+def _timed_rows(nets: dict[str, nn.Module], x1: Tensor, batch: int, macs0: int, repeats: int,
+                device: torch.device) -> tuple[dict, dict]:
+    """Time ``nets`` (``"dense"`` among them) in rotation on a batch shaped like ``x1`` with
+    ``latency.interleaved_times``, the feedback loop's timing function; per net: minimum ms, median per-round
+    speed-up over dense, MACs kept, fidelity. The nets are left on ``device`` in eval mode."""
+    kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
+    xb = torch.rand(batch, *x1.shape[1:], device=device)
+    nets = {k: n.to(device).eval() for k, n in nets.items()}
+    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
+    rows = {}
+    for k in nets:
+        speedup = statistics.median(d / p for d, p in zip(times["dense"], times[k], strict=True))
+        rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
+                   "fidelity": speedup * kept[k]}
+    return rows, times
 
 
 def table_setting(device: torch.device, threads: int, batch: int, cmp: Compare, table_dir: Path) -> dict:
@@ -225,16 +232,7 @@ def hardware_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], b
             continue
         nets[k] = net
         prune_s[k] = time.perf_counter() - t0
-    macs0 = count(dense, x1)[1]
-    kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
-    xb = torch.rand(batch, 3, h, w, device=device)
-    nets = {k: n.to(device).eval() for k, n in nets.items()}
-    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
-    rows = {}
-    for k in nets:
-        speedup = statistics.median(d / p for d, p in zip(times["dense"], times[k], strict=True))
-        rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
-                   "fidelity": speedup * kept[k]}
+    rows, times = _timed_rows(nets, x1, batch, count(dense, x1)[1], repeats, device)
     measured = median_ratios(times, "dense")
     for k in reports.keys() & HW_VARIANTS.keys():
         lat = reports[k].extra.get("latency", {})
