@@ -244,16 +244,32 @@ class _Runner:
         kept, acc, fraction = best
         return kept.cpu(), {"steps": steps, "budget_met": True, "fraction": fraction, "acc": acc}
 
-    def _bisect(self, kept: float, failed: float, attempt: Any) -> None:
-        """``prune.refine`` bisection steps (ours): ``attempt(target, j)`` prunes a copy of the model kept at
-        fraction ``kept`` towards ``target`` (halfway to the ``failed`` fraction), fine-tunes and scores it, and
-        returns ``(ok, fraction reached)``, or None when the widths cannot land strictly between the two."""
+    def _refine(self, best: tuple[nn.Module, dict[str, float], float], failed: float, tasks: Mapping[str, Task],
+                floor: Mapping[str, float], where: str, steps: list[dict[str, Any]], unit: str,
+                prune_to: Any, fit: Any) -> tuple[nn.Module, dict[str, float], float]:
+        """``prune.refine`` bisection steps (ours) between the last fraction within the budget (``best``) and the
+        first out of it (``failed``): ``prune_to(model, target, fraction)`` prunes a copy of the model kept at
+        ``fraction`` towards ``target`` in place and returns the fraction reached (None: nothing pruned);
+        ``fit(model, where)`` fine-tunes it. Stops when the widths cannot land strictly between the two; returns
+        the best model within the budget."""
+        found = [best]
         for j in range(self.cfg.prune.refine):
-            result = attempt((kept + failed) / 2, j)
-            if result is None:
-                return
-            ok, reached = result
-            kept, failed = (reached, failed) if ok else (kept, reached)
+            kept, _, fraction = found[-1]
+            model = copy.deepcopy(kept).to(self.device)
+            reached = prune_to(model, (fraction + failed) / 2, fraction)
+            if reached is None or not failed + 1e-3 < reached < fraction - 1e-3:
+                break
+            fit(model, f"{where}/refine{j + 1}")
+            acc = self.score(model, tasks)
+            ok = all(acc[t] >= floor[t] for t in tasks)
+            steps.append({"fraction": reached, "acc": acc, "ok": ok, "refine": True})
+            log.info("%s: refined to %.3f of %s, accuracy %s (%s)", where, reached, unit, acc,
+                     "ok" if ok else "over budget")
+            if ok:
+                found.append((copy.deepcopy(model), acc, reached))
+            else:
+                failed = reached
+        return found[-1]
 
     def _refine_joint(self, best: tuple[nn.Module, dict[str, float], float], failed: float,
                       tasks: Mapping[str, Task], floor: Mapping[str, float], macs0: int, where: str,
@@ -261,35 +277,18 @@ class _Runner:
         """The ladder's refinement (``prune.refine``): the best model within the budget after the bisection."""
         p = self.cfg.prune
         x = self.example.to(self.device)
-        found = [best]
 
-        def attempt(target: float, j: int) -> tuple[bool, float] | None:
-            kept, _, fraction = found[-1]
-            model = copy.deepcopy(kept).to(self.device)
+        def prune_to(model: nn.Module, target: float, fraction: float) -> float | None:
             try:
                 prune(model, x, p.criterion, target_macs=target / fraction, data=self.stats_loader(),
                       losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
                       min_channels=p.min_channels, seed=self.cfg.seed)
             except MTPruneInputError:
                 return None
-            current = profile(model, x, latency=False).macs / macs0
-            if not failed_at[0] + 1e-3 < current < fraction - 1e-3:  # no width between the two: nothing to try
-                return None
-            self.fit(model, tasks, p.finetune, f"{where}/refine{j + 1}")
-            acc = self.score(model, tasks)
-            ok = all(acc[t] >= floor[t] for t in tasks)
-            steps.append({"fraction": current, "acc": acc, "ok": ok, "refine": True})
-            log.info("%s: refined to %.3f of the MACs, accuracy %s (%s)", where, current, acc,
-                     "ok" if ok else "over budget")
-            if ok:
-                found.append((copy.deepcopy(model), acc, current))
-            else:
-                failed_at[0] = current
-            return ok, current
+            return profile(model, x, latency=False).macs / macs0
 
-        failed_at = [failed]
-        self._bisect(best[2], failed, attempt)
-        return found[-1]
+        return self._refine(best, failed, tasks, floor, where, steps, "the MACs", prune_to,
+                            lambda model, at: self.fit(model, tasks, p.finetune, at))
 
     def prune_per_task(self, model: MergedNet, tasks: Mapping[str, Task], reference: Mapping[str, float],
                        dense_exclusive: Mapping[str, int], where: str) -> tuple[MergedNet, dict[str, Any]]:
@@ -362,28 +361,13 @@ class _Runner:
                           steps: list[dict[str, Any]]) -> tuple[MergedNet, dict[str, float], float]:
         """A per-task walk's refinement (``prune.refine``), on ``task``'s exclusive part as the walk itself."""
         x = self.example.to(self.device)
-        found, failed_at = [best], [failed]
 
-        def attempt(target: float, j: int) -> tuple[bool, float] | None:
-            kept, _, fraction = found[-1]
-            model = copy.deepcopy(kept).to(self.device)
+        def prune_to(model: MergedNet, target: float, fraction: float) -> float | None:
             reached = self._prune_exclusive_to(model, task, x, target, dense, tasks)
-            if isinstance(reached, str) or not failed_at[0] + 1e-3 < reached < fraction - 1e-3:
-                return None
-            self._fit_step(model, task, tasks, f"{where}/refine{j + 1}")
-            acc = self.score(model, tasks)
-            ok = all(acc[s] >= floor[s] for s in tasks)
-            steps.append({"fraction": reached, "acc": acc, "ok": ok, "refine": True})
-            log.info("%s: refined to %.3f of its exclusive MACs, accuracy %s (%s)", where, reached, acc,
-                     "ok" if ok else "over budget")
-            if ok:
-                found.append((copy.deepcopy(model), acc, reached))
-            else:
-                failed_at[0] = reached
-            return ok, reached
+            return None if isinstance(reached, str) else reached
 
-        self._bisect(best[2], failed, attempt)
-        return found[-1]
+        return self._refine(best, failed, tasks, floor, where, steps, "its exclusive MACs", prune_to,
+                            lambda model, at: self._fit_step(model, task, tasks, at))
 
 
 def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
