@@ -1,6 +1,6 @@
 """The ``garg2023`` suite (Garg et al. 2023, METHODS.md §1) at ``--scale small``: both criteria along the interleaved
-schedule (backbone filters only), the scratch retrainings at the recorded widths with the epochs of each arm, the
-verdicts, the figures, and resuming."""
+schedule (backbone filters only, equal parameters removed at every step) beside the control, the scratch
+retrainings at the recorded widths with the epochs of each arm, the verdicts, the figures, and resuming."""
 
 import json
 
@@ -20,27 +20,36 @@ def test_both_criteria_prune_backbone_filters_along_the_interleaved_schedule(sma
     out, result = small
     saved = json.loads((out / "results.json").read_text())
     plan = garg2023.SCALES["small"]
-    assert set(saved["trajectories"]) == {"taylor", "cosprune"}
+    assert set(saved["trajectories"]) == {"taylor", "cosprune", "control"}
+    control = saved["trajectories"].pop("control")[0]["trajectory"]
+    assert len(control) == plan["steps"] + 1  # evaluated at the same steps, nothing removed
+    assert all(p["widths"] == control[0]["widths"] for p in control)
+    assert control[-1]["metrics"] != control[0]["metrics"]  # trained on
+    removed = {}
     dense_params = saved["dense"]["0"]["params"]
     dense_epochs = saved["config"]["train"]["epochs"]
     per_epoch = -(-saved["n_train"] // saved["config"]["train"]["batch_size"])
     for crit, runs in saved["trajectories"].items():
         traj = runs[0]["trajectory"]
         params = [p["params"] for p in traj]
-        assert len(params) == plan["steps"] + 1, crit  # a fixed number of removals: matched filter counts
+        assert len(params) == plan["steps"] + 1, crit
         assert params[0] == dense_params
+        # each step removes the same share of the dense parameters, whichever filters the criterion picks
+        assert [p / dense_params for p in params] == pytest.approx(
+            [1 - k * plan["params_per_step"] for k in range(len(params))], abs=0.01)
         assert all(b < a for a, b in zip(params, params[1:], strict=False)), (crit, params)
         first, last = traj[0], traj[-1]
         assert first["delta_m"] == pytest.approx(0.0, abs=1e-9)  # step 0 is the dense model itself
         # only backbone filters are pruned: every head keeps its hidden width
         heads = {k: v for k, v in last["widths"].items() if k.startswith("heads.")}
         assert heads and heads == {k: v for k, v in first["widths"].items() if k.startswith("heads.")}
-        for a, b in zip(traj, traj[1:], strict=False):  # each step removes filters_per_step backbone filters
-            removed = sum(a["widths"][k] - b["widths"][k] for k in a["widths"] if k.startswith("backbone."))
-            assert removed == plan["filters_per_step"], (crit, b["step"])
-            # ... after `interval` more training iterations, recorded as epochs on top of the dense ones
+        removed[crit] = sum(first["widths"][k] - last["widths"][k] for k in first["widths"])
+        for a, b in zip(traj, traj[1:], strict=False):
+            # each removal after `interval` more training iterations, recorded as epochs on top of the dense ones
             assert b["iteration"] == a["iteration"] + plan["interval"]
             assert b["epochs"] == pytest.approx(dense_epochs + b["iteration"] / per_epoch)
+    assert removed["taylor"] != removed["cosprune"]  # equal parameters, not equal filter counts
+    assert result["verdicts"]["a"]["control_delta_m"] == result["summary"]["control"][-1]["delta_m"]
 
 
 def test_scratch_rows_rebuild_the_recorded_architectures(small):

@@ -11,6 +11,7 @@ from mtprune.engine.trainer import TrainConfig
 from mtprune.pruning.graph import PruningGraph
 from mtprune.pruning.schedule import interleaved_prune, iterative_prune, rebuild_from_widths
 from mtprune.tasks import preset
+from mtprune.utils.errors import MTPruneInputError
 
 TASKS = preset("synthetic_scenes")
 NAMES = ["seg", "depth", "normal"]
@@ -97,3 +98,30 @@ def test_rebuild_from_widths_gives_the_recorded_architecture_freshly_initialised
     convs = [k for k, v in a.items() if v.dim() == 4]
     assert not any(torch.equal(a[k], b[k]) for k in convs)  # every layer re-initialised
     fresh(X)["seg"].sum().backward()
+
+
+def test_interleaved_params_per_step_removes_matched_parameters_for_any_criterion(scenes, tmp_path):
+    """Garg et al. compare criteria at equal parameters: a parameter budget per step lands both on the same
+    counts, although they remove different numbers of filters."""
+    train, val = scenes
+    kept, removed = {}, {}
+    for crit in ("l1", "cosprune"):
+        _, records = interleaved_prune(make(), X, tasks(), train, val, tmp_path / crit, criterion=crit, interval=1,
+                                       params_per_step=0.1, max_steps=2, batch_size=6, device="cpu",
+                                       exclude_parts=NAMES)
+        p0 = records[0].params
+        kept[crit] = [r.params / p0 for r in records]
+        removed[crit] = sum(records[0].widths.values()) - sum(records[-1].widths.values())
+        assert kept[crit] == pytest.approx([1.0, 0.9, 0.8], abs=0.01)
+    assert removed["l1"] != removed["cosprune"]  # equal parameters, not equal filter counts
+
+
+def test_interleaved_control_trains_on_the_same_schedule_without_removing(scenes, tmp_path):
+    train, val = scenes
+    _, records = interleaved_prune(make(), X, tasks(), train, val, tmp_path, criterion="l1", interval=2,
+                                   filters_per_step=0, max_steps=2, batch_size=6, device="cpu")
+    assert [r.step for r in records] == [0, 1, 2] and [r.iteration for r in records] == [0, 2, 4]
+    assert all(r.widths == records[0].widths and r.params == records[0].params for r in records)
+    assert records[2].metrics != records[0].metrics  # it trained
+    with pytest.raises(MTPruneInputError, match="params_per_step"):
+        interleaved_prune(make(), X, tasks(), train, val, tmp_path / "bad", params_per_step=1.5)

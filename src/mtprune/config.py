@@ -189,7 +189,10 @@ class PruneSection(_Strict):
     finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4))
     # interleaved schedule (Garg et al. 2023)
     interval: int = Field(500, ge=1)
-    filters_per_step: int = Field(100, ge=1)
+    filters_per_step: int = Field(100, ge=0)  # 0: the control (no removal, same training)
+    # a parameter budget per step instead (fraction of the starting parameters): criteria meet at equal parameter
+    # counts; left out of dumps when unset (entry fingerprints, as rank_by)
+    params_per_step: float | None = Field(None, gt=0, lt=1, exclude_if=lambda v: v is None)
     max_steps: int = Field(10, ge=1)
     retrain_from_scratch: bool = False
 

@@ -111,7 +111,8 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     elif p.schedule == "interleaved":
         model, records = interleaved_prune(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, interval=p.interval,
-            filters_per_step=p.filters_per_step, max_steps=p.max_steps, target_macs=p.target_macs,
+            filters_per_step=p.filters_per_step, params_per_step=p.params_per_step, max_steps=p.max_steps,
+            target_macs=p.target_macs,
             target_params=p.target_params, lr=p.finetune.lr, batch_size=p.finetune.batch_size,
             min_channels=p.min_channels, seed=cfg.seed, device=cfg.device, rebuild=rebuild, resume=resume)
     elif p.channel_ratio is not None:

@@ -8,11 +8,14 @@ ground). As in the paper only backbone filters are candidates (the heads lose in
 criteria. One dense model per seed is trained once and shared by both criteria.
 
 - (a) Taylor-FO against CosPrune along the paper's interleaved schedule (``interleaved_prune``: training goes on
-  with AdamW and warm-restarted cosine annealing, and every ``interval`` iterations the ``filters_per_step``
-  lowest-scoring filters, scores averaged over the interval, are removed after restoring the interval's best
-  validation weights), for a fixed number of removals, so both criteria have removed the same number of filters
-  at every step: per-task metric against parameter count. Paper: alike at matched parameters, CosPrune degrades
-  more slowly at high pruning.
+  with AdamW and warm-restarted cosine annealing, and every ``interval`` iterations the lowest-scoring filters,
+  scores averaged over the interval, are removed after restoring the interval's best validation weights),
+  removing at every step the lowest-ranked filters worth the same fraction of the dense
+  parameters (``params_per_step``), so both criteria meet at equal parameter counts step by step (removing equal
+  filter counts did not: one filter of the last backbone layer, which feeds every head, weighs as much as a
+  hundred of the first layer's). Beside them the control: the dense model trained on the same schedule without
+  removals, so a pruned model's loss is measured against training alike. Paper: alike at matched parameters,
+  CosPrune degrades more slowly at high pruning.
 - (b) Some recorded architectures of each trajectory, rebuilt (``rebuild_from_widths``), re-initialised with
   the dense model's initialisation scheme and trained from scratch with the dense model's recipe, against
   their interleaved-pruned versions. Paper: at extreme pruning the retrained architectures do better.
@@ -46,8 +49,10 @@ from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from .common import Entries, SuiteData, fingerprint, machine, results_dir, suite_config
 
-SUITE_VERSION = 2  # 2: interleaved schedule, VGG-16-BN, fresh scenes
+SUITE_VERSION = 3  # 2: interleaved schedule, VGG-16-BN, fresh scenes; 3: parameter budget per step, control
+DENSE_VERSION = 2  # the dense models did not change in version 3
 CRITERIA = ("taylor", "cosprune")
+CONTROL = "control"  # the dense model on the interleaved schedule, nothing removed (scores from taylor, unused)
 TASKS = ("seg", "depth", "normal")
 PRIMARY = {  # task -> (metric, axis label with units, higher is better)
     "seg": ("pixel_acc", "pixel accuracy (%)", True),
@@ -64,11 +69,11 @@ BASE = {
     "train": {"epochs": 30, "batch_size": 8, "lr": 0.001, "weight_decay": 0.0001, "optimizer": "adam",
               "scheduler": "cosine"},
 }
-# The interleaved schedule at the CPU scale: the width-0.125 VGG-16 backbone has 528 filters; 9 removals of 32
-# (288 filters, about 55 %) with one epoch of 512 fresh scenes (64 iterations of 8) between removals. The paper's
+# The interleaved schedule at the CPU scale: 9 removals of 9 % of the dense parameters each (0.19 kept at the end,
+# the paper's 15.9 M of 84 M), one epoch of 512 fresh scenes (64 iterations of 8) between removals. The paper's
 # AdamW weight decay 1e-2 and cosine restarts; its lr (5e-5, for an ImageNet-pretrained VGG) is replaced by a
 # quarter of the dense lr, as in the criteria suite's fine-tuning.
-SCHEDULE = {"interval": 64, "filters_per_step": 32, "steps": 9, "lr": 0.00025, "weight_decay": 0.01,
+SCHEDULE = {"interval": 64, "params_per_step": 0.09, "steps": 9, "lr": 0.00025, "weight_decay": 0.01,
             "restart_epochs": 10, "min_channels": 5}
 # scale -> config overrides and plan: seeds, schedule, steps retrained from scratch
 SCALES: dict[str, dict] = {
@@ -76,13 +81,12 @@ SCALES: dict[str, dict] = {
                                   "kwargs": {"n_train": 24, "n_val": 8, "height": 32, "width": 40}},
                          "model": {"head_kwargs": {"hidden": 256, "dropout": 0.0}},
                          "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 8}},
-              "seeds": (0,), **SCHEDULE, "interval": 3, "filters_per_step": 48, "steps": 2, "scratch_steps": (2,)},
+              "seeds": (0,), **SCHEDULE, "interval": 3, "params_per_step": 0.25, "steps": 2, "scratch_steps": (2,)},
     "cpu": {"config": {}, "seeds": (0, 1, 2), **SCHEDULE, "scratch_steps": (5, 9)},
     "gpu": {"config": {"device": "auto", "model": {"width": 0.5},
                        "data": {"name": "synthetic_scenes", "kwargs": {"n_train": 2048, "height": 128, "width": 160}},
                        "train": {"epochs": 40, "batch_size": 16}},
-            "seeds": (0, 1, 2), **SCHEDULE, "interval": 128, "filters_per_step": 128, "steps": 10,
-            "scratch_steps": (5, 8, 10)},
+            "seeds": (0, 1, 2), **SCHEDULE, "interval": 128, "steps": 9, "scratch_steps": (5, 9)},
 }
 
 
@@ -117,7 +121,8 @@ def _dense(setup: _Setup, resume: bool) -> dict:
 
 
 def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume: bool) -> dict:
-    """The paper's interleaved schedule from the seed's dense model with ``criterion`` (backbone filters only)."""
+    """The paper's interleaved schedule from the seed's dense model with ``criterion`` (backbone filters only), or
+    with nothing removed (``CONTROL``)."""
     start = time.perf_counter()
     cfg = setup.cfg
     rebuild = lambda: recipe.build_configured_model(cfg, setup.tasks)  # noqa: E731
@@ -127,9 +132,11 @@ def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume:
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    removal = {"filters_per_step": 0} if criterion == CONTROL else {"params_per_step": plan["params_per_step"]}
     _, records = interleaved_prune(
-        model, setup.x, setup.tasks, setup.train_set, setup.val_set, run_dir, criterion=criterion,
-        interval=plan["interval"], filters_per_step=plan["filters_per_step"], max_steps=plan["steps"],
+        model, setup.x, setup.tasks, setup.train_set, setup.val_set, run_dir,
+        criterion="taylor" if criterion == CONTROL else criterion, interval=plan["interval"], **removal,
+        max_steps=plan["steps"],
         lr=plan["lr"], weight_decay=plan["weight_decay"], restart_epochs=plan["restart_epochs"],
         batch_size=cfg.train.batch_size, min_channels=plan["min_channels"], seed=cfg.seed, device=cfg.device,
         rebuild=rebuild, resume=resume, exclude_parts=tuple(setup.tasks))  # heads lose input channels only
@@ -179,20 +186,22 @@ def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = Fa
     plan = SCALES[scale] if not seeds else {**SCALES[scale], "seeds": tuple(seeds)}
     folder = results_dir("garg2023", out)
     entries = Entries(folder, resume=resume)
-    dense, trajectories, scratch = {}, {c: [] for c in CRITERIA}, []
+    dense, trajectories, scratch = {}, {c: [] for c in (*CRITERIA, CONTROL)}, []
     for seed in plan["seeds"]:
         setup = _Setup(_config(scale, seed), folder / "runs")
-        base = (SUITE_VERSION, setup.cfg.model_dump(mode="json"))
-        dense[seed] = entries.get(f"s{seed}_dense", lambda s=setup: _dense(s, resume), fingerprint(*base))
+        config = setup.cfg.model_dump(mode="json")
+        base = (SUITE_VERSION, config)
+        dense[seed] = entries.get(f"s{seed}_dense", lambda s=setup: _dense(s, resume),
+                                  fingerprint(DENSE_VERSION, config))
         if not (setup.dense_dir / "checkpoints" / "best.pt").is_file():  # the entry survived, its model did not
             dense[seed] = _dense(setup, False)
         schedule = {k: v for k, v in plan.items() if k not in ("config", "seeds", "scratch_steps")}
-        for crit in CRITERIA:
+        for crit in (*CRITERIA, CONTROL):
             traj = entries.get(f"s{seed}_{crit}",
                                lambda s=setup, c=crit, d=dense[seed]: _interleaved(s, c, plan, d, resume),
                                fingerprint(*base, schedule, crit))
             trajectories[crit].append(traj)
-            for point in traj["trajectory"]:
+            for point in traj["trajectory"] if crit != CONTROL else ():
                 if point["step"] in plan["scratch_steps"]:
                     scratch.append(entries.get(
                         f"s{seed}_{crit}_scratch_{point['step']}",
@@ -203,7 +212,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = Fa
               "plan": {k: v for k, v in plan.items() if k != "config"},
               "dense": {str(k): v for k, v in dense.items()},
               "trajectories": trajectories, "scratch": scratch,
-              "summary": {c: summarise_trajectory(trajectories[c]) for c in CRITERIA},
+              "summary": {c: summarise_trajectory(trajectories[c]) for c in (*CRITERIA, CONTROL)},
               "scratch_summary": summarise_scratch(scratch),
               "seconds": time.perf_counter() - start,
               "compute_seconds": sum(e["seconds"] for e in [*dense.values(), *scratch,
@@ -279,7 +288,7 @@ def verdicts(result: dict) -> dict[str, dict]:
     the iteratively pruned one in pixel accuracy and Δm in every seed, for both criteria.
     """
     summ, seeds = result["summary"], len(result["dense"])
-    last = min(len(summ[c]) for c in CRITERIA) - 1  # both criteria have removed the same filters by then
+    last = min(len(summ[c]) for c in CRITERIA) - 1  # both criteria have removed the same parameters by then
     gaps_pa, gaps_dm = _paired(result, last, _pa), _paired(result, last, lambda p: p["delta_m"])
     slower = all(g > 0 for g in gaps_pa) and all(g > 0 for g in gaps_dm)
     between = []  # the intermediate steps: CosPrune's Δm minus Taylor's
@@ -294,7 +303,8 @@ def verdicts(result: dict) -> dict[str, dict]:
          "pixel_acc": {c: summ[c][last]["metrics"]["seg"]["pixel_acc"] for c in CRITERIA},
          "delta_m": {c: summ[c][last]["delta_m"] for c in CRITERIA},
          "seeds_cosprune_higher_pixel_acc": sum(g > 0 for g in gaps_pa),
-         "seeds_cosprune_higher_delta_m": sum(g > 0 for g in gaps_dm), "seeds": seeds}
+         "seeds_cosprune_higher_delta_m": sum(g > 0 for g in gaps_dm), "seeds": seeds,
+         "control_delta_m": summ[CONTROL][min(last, len(summ[CONTROL]) - 1)]["delta_m"] if CONTROL in summ else None}
     b: dict = {"seeds": seeds, "per_criterion": {}}
     for crit, rows in result["scratch_summary"].items():
         row = rows[-1]
@@ -337,7 +347,10 @@ def _verdict_a(r: dict) -> str:
             f"degrades {direction}: seg pixel accuracy {_pm(a['pixel_acc'][c], n)} % against Taylor's "
             f"{_pm(a['pixel_acc'][t], n)} % (higher in {a['seeds_cosprune_higher_pixel_acc']} of {n} seeds), Δm "
             f"{_pm(a['delta_m'][c], n)} against {_pm(a['delta_m'][t], n)} % (higher in "
-            f"{a['seeds_cosprune_higher_delta_m']} of {n}). Paper: 42.5 against 39 pixel accuracy at 15.9 M of 84 M.")
+            f"{a['seeds_cosprune_higher_delta_m']} of {n})"
+            + (f"; the control (same training, nothing removed) is at Δm {_pm(a['control_delta_m'], n)} %"
+               if a.get("control_delta_m") else "")
+            + ". Paper: 42.5 against 39 pixel accuracy at 15.9 M of 84 M.")
 
 
 def _verdict_b(r: dict) -> str:
@@ -375,9 +388,11 @@ def markdown(r: dict) -> str:
         f"{_pm(r['dense_summary']['pixel_acc'], n)} %. Interleaved pruning (Garg et al.) of backbone filters only "
         f"(global ranking, at least {plan['min_channels']} filters per layer): training goes on with AdamW (lr "
         f"{plan['lr']}, weight decay {plan['weight_decay']}, cosine restarted every {plan['restart_epochs']} epochs) "
-        f"and every {plan['interval']} iterations ({per_step:g} epochs) the {plan['filters_per_step']} "
-        f"lowest-scoring filters are removed, {plan['steps']} times; the model at step k has had {epochs} + "
-        f"k × {per_step:g} epochs. Retraining from scratch: the recorded widths of steps "
+        f"and every {plan['interval']} iterations ({per_step:g} epochs) the lowest-scoring filters worth "
+        f"{plan['params_per_step']:.0%} of the dense parameters are removed (equal parameters for both criteria at "
+        f"every step), {plan['steps']} times; the model at step k has had {epochs} + k × {per_step:g} epochs. "
+        "Control: the dense model trained on the same schedule, nothing removed. Retraining from scratch: the "
+        "recorded widths of steps "
         f"{', '.join(map(str, plan['scratch_steps']))}, re-initialised at random with the dense model's scheme (He "
         f"normal), trained with the dense recipe ({_n(epochs, 'epoch')}). "
         f"{_n(n, 'seed')} (dense model, pruning statistics, initialisation); mean ± std over seeds. Δm: against "
@@ -467,11 +482,17 @@ COLORS = {"taylor": "tab:blue", "cosprune": "tab:orange"}
 
 
 def plot_trajectories(summary: dict[str, list[dict]], ref: dict[str, float], path: Path) -> Path:
-    """(a): one panel per task (its main metric) plus Δm, against parameters; one line per criterion."""
+    """(a): one panel per task (its main metric) plus Δm, against parameters; one line per criterion, and the
+    control's last step (dense parameters, trained as long) as a dashed level."""
     fig, axes = _panels(ref, "Interleaved pruning: Taylor-FO against CosPrune (error bars: std over seeds)")
     for crit in (c for c in CRITERIA if c in summary):
         _line(axes, summary[crit], crit, marker="o", color=COLORS[crit])
-    _x_ticks(axes, [p["params"] / 1e6 for steps in summary.values() for p in steps])
+    if summary.get(CONTROL):
+        last = summary[CONTROL][-1]
+        for ax, task in zip(axes, TASKS, strict=False):
+            ax.axhline(last["metrics"][task][PRIMARY[task][0]][0], color="black", ls="--", lw=1, label="control")
+        axes[-1].axhline(last["delta_m"][0], color="black", ls="--", lw=1, label="control")
+    _x_ticks(axes, [p["params"] / 1e6 for c in CRITERIA for p in summary.get(c, [])])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -3,9 +3,11 @@
 - ``iterative_prune``: N steps, each pruning to target^(i/N) of the original cost, then fine-tuning with the
   trainer; every step is saved, so ``resume=True`` continues after a kill.
 - ``interleaved_prune``: Garg, Zhang, Guan (arXiv 2304.06840, 2023): while training continues, every
-  ``interval`` iterations remove ``filters_per_step`` filters ranked by scores averaged over the interval;
+  ``interval`` iterations remove ``filters_per_step`` filters (or, with ``params_per_step``, the lowest-ranked
+  filters worth that fraction of the starting parameters) ranked by scores averaged over the interval;
   before each removal the weights with the lowest validation loss are restored; AdamW with cosine annealing
-  restarted every ``restart_epochs``. The per-layer width trajectory is recorded.
+  restarted every ``restart_epochs``. The per-layer width trajectory is recorded. With no removal per step
+  (``filters_per_step=0``) it is the control: the same training, evaluated at the same iterations.
 - ``rebuild_from_widths``: the same architecture as a recorded pruned model, randomly re-initialised, for
   Garg et al.'s comparison of fine-tuning against retraining from scratch. Every record keeps the attention head
   layouts too (``StepRecord.heads``): widths alone do not tell 3 heads of 8 from 4 heads of 6.
@@ -213,8 +215,8 @@ def _val_loss(model: nn.Module, val_set: Dataset, tasks: Mapping[str, Task], dev
 
 def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str, Task], train_set: Dataset,
                       val_set: Dataset, run_dir: str | Path, *, criterion: str | Criterion = "cosprune",
-                      interval: int = 500, filters_per_step: int = 100, max_steps: int = 10,
-                      target_macs: float | None = None, target_params: float | None = None,
+                      interval: int = 500, filters_per_step: int = 100, params_per_step: float | None = None,
+                      max_steps: int = 10, target_macs: float | None = None, target_params: float | None = None,
                       evals_per_interval: int = 2, lr: float = 5e-5, weight_decay: float = 1e-2,
                       restart_epochs: int = 10, batch_size: int = 8, min_channels: int = 5, seed: int = 0,
                       device: str = "auto", rebuild: Callable[[], nn.Module] | None = None, resume: bool = False,
@@ -222,10 +224,21 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
                       exclude_parts: Iterable[str] = ()) -> tuple[nn.Module, list]:
     """Garg et al.'s interleaved schedule; stops after ``max_steps`` removals or once the target is met.
 
+    ``params_per_step``: remove, at each step, the lowest-ranked filters worth this fraction of the step-0
+    parameters instead of a fixed number of filters, so that two criteria meet at equal parameter counts step by
+    step (one filter of a wide late layer can weigh a hundred of an early one). ``filters_per_step=0`` without
+    ``params_per_step`` removes nothing: the control, trained and evaluated exactly as a pruned run.
     ``exclude_parts``: parts (``ChannelGroup.part``, e.g. the task names of the heads) whose filters are never
     removed; with every head excluded only backbone filters are candidates, as in Garg et al."""
     from ..utils.runtime import resolve_device
+    from .cost import CostModel
+    from .prune import search_fraction
 
+    if params_per_step is not None and not 0 < params_per_step < 1:
+        raise MTPruneInputError(f"params_per_step must be a fraction in (0, 1), got {params_per_step!r}")
+    if filters_per_step < 0:
+        raise MTPruneInputError(f"filters_per_step must be >= 0, got {filters_per_step!r}")
+    control = not params_per_step and filters_per_step == 0
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     rebuild = rebuild or _default_rebuild(model)
@@ -281,11 +294,17 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         scores = criterion_scores(model, graph, crit, engine=engine)
         scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
         candidates = sum(g.channels for g in graph.groups if g.index in scores)
-        plan = plan_removal(graph.groups, scores, min(filters_per_step / max(candidates, 1), 1.0),
-                            normalize=crit.normalize, min_channels=min_channels)
-        if not plan:
+        plan_kw = {"normalize": crit.normalize, "min_channels": min_channels}
+        if params_per_step:
+            cost = CostModel(model, x, graph)
+            goal = max(cost.params_total - params_per_step * p0, 1.0)
+            plan, _ = search_fraction(graph, scores, cost.params, goal, plan_kw)
+        else:
+            plan = plan_removal(graph.groups, scores, min(filters_per_step / max(candidates, 1), 1.0), **plan_kw)
+        if not plan and not control:
             break
-        graph.prune(plan)
+        if plan:
+            graph.prune(plan)
         step = records[-1].step + 1
         save_model(model, run_dir / "steps" / str(step) / "model.mtp", example_inputs=x.cpu())
         records.append(_record(step, model, x, graph.widths(), val_set, tasks, device, batch_size, iteration=start,
