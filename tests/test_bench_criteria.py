@@ -207,3 +207,11 @@ def test_split_half_second_decision_reads_scenes_the_first_never_saw(tmp_path, m
     assert (within[: len(setup.train_set)] - within[-1]).abs().amax(1).min() > 0.1  # the extra batch is fresh
     assert setup.train_set.epoch == 0  # left as every entry expects it
     assert setup.decision_data("taylor") is not None and criteria.stats_batches("taylor") == criteria.STATS_BATCHES
+
+
+def test_the_suites_decision_sizes_are_the_library_defaults():
+    """The suite's evidence set ``Criterion.stable_samples``: the two must not drift apart."""
+    from mtprune.pruning.criteria import get_criterion
+
+    for name in ("taylor", "task_taylor", "disparse_structured", "cosprune"):
+        assert criteria.stats_batches(name) * criteria.STATS_BATCH_SIZE == get_criterion(name).stable_samples, name

@@ -21,3 +21,17 @@ def test_shipped_config_validates(path):
 
 def test_configs_exist():
     assert len(CONFIGS) >= 8
+
+
+def test_unset_stats_batches_gives_each_criterion_its_stable_decision_size():
+    """prune.stats_batches unset: 512 samples for the taylor family, 2,048 for cosprune (criteria benchmark)."""
+    from mtprune.config import PruneSection
+    from mtprune.pipeline import decision_batches
+    from mtprune.pruning.criteria import get_criterion
+
+    unset = PruneSection(target_macs=0.5)
+    assert unset.stats_batches is None and unset.stats_batch_size == 8
+    assert decision_batches(unset, get_criterion("task_taylor")) == 64
+    assert decision_batches(unset, get_criterion("cosprune")) == 256
+    assert decision_batches(PruneSection(target_macs=0.5, stats_batch_size=16), get_criterion("taylor")) == 32
+    assert decision_batches(PruneSection(target_macs=0.5, stats_batches=8), get_criterion("cosprune")) == 8

@@ -184,7 +184,7 @@ class PruneSection(_Strict):
     # latency: near-ties by latency per MAC; left out of dumps at its default, so that the fingerprints of entries
     # (configs dumped whole) made before it existed stay valid
     rank_by: Literal["importance", "latency"] = Field("importance", exclude_if=lambda v: v == "importance")
-    stats_batches: int = Field(8, ge=1)
+    stats_batches: int | None = Field(None, ge=1)  # None: the criterion's stable_samples / stats_batch_size
     stats_batch_size: int = Field(8, ge=1)
     finetune: TrainSection = Field(default_factory=lambda: TrainSection(epochs=2, lr=5e-4))
     # interleaved schedule (Garg et al. 2023)

@@ -8,6 +8,7 @@ architecture from scratch → evaluate and profile every model side by side → 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from . import recipe
-from .config import RunConfig, TrainSection, dump_config
+from .config import PruneSection, RunConfig, TrainSection, dump_config
 from .engine.checkpoint import load_model_state
 from .engine.evaluate import evaluate
 from .engine.trainer import Trainer
@@ -23,6 +24,7 @@ from .io import load as load_model
 from .io import save as save_model
 from .measure import profile
 from .pruning.attention import head_layout
+from .pruning.criteria import Criterion
 from .pruning.graph import PruningGraph
 from .pruning.prune import as_losses, prune
 from .pruning.schedule import StepRecord, interleaved_prune, iterative_prune, rebuild_from_widths
@@ -95,6 +97,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     from .pruning.criteria import get_criterion
 
     criterion = get_criterion(p.criterion, seed=cfg.seed, **crit_kw)
+    stats_batches = decision_batches(p, criterion)
     prune_dir = run_dir / "prune"
     common = {"allocator": p.allocator, "min_channels": p.min_channels, "round_to": p.round_to,
               "part_ratios": p.part_ratios or None, "latency": p.latency or None, "rank_by": p.rank_by}
@@ -104,7 +107,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
 
         model, records, pagcp_report = pagcp_schedule(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, target_macs=p.target_macs,
-            settings=p.pagcp.model_dump(), finetune=finetune, stats_batches=p.stats_batches,
+            settings=p.pagcp.model_dump(), finetune=finetune, stats_batches=stats_batches,
             stats_batch_size=p.stats_batch_size, min_channels=p.min_channels, seed=cfg.seed,
             resume=resume, rebuild=rebuild, target_latency=p.target_latency, target_latency_ms=p.target_latency_ms,
             latency=p.latency or None)
@@ -117,7 +120,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
             min_channels=p.min_channels, seed=cfg.seed, device=cfg.device, rebuild=rebuild, resume=resume)
     elif p.channel_ratio is not None:
         prune(model, x, criterion, channel_ratio=p.channel_ratio, data=_stats_data(train_set, p, cfg.seed),
-              losses=as_losses(tasks), batches=p.stats_batches, **common)
+              losses=as_losses(tasks), batches=stats_batches, **common)
         records = []
         if finetune.epochs:
             Trainer(model, tasks, train_set, val_set, prune_dir / "finetune", finetune).fit()
@@ -127,7 +130,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
         model, records = iterative_prune(
             model, x, tasks, train_set, val_set, prune_dir, criterion=criterion, target_macs=p.target_macs,
             target_params=p.target_params, target_latency=p.target_latency, target_latency_ms=p.target_latency_ms,
-            steps=steps, finetune=finetune, stats_batches=p.stats_batches,
+            steps=steps, finetune=finetune, stats_batches=stats_batches,
             stats_batch_size=p.stats_batch_size, rebuild=rebuild, resume=resume, **common)
     save_model(model, run_dir / "model.mtp", example_inputs=x)
     pruned_metrics = evaluate(model, val_set, tasks, device=cfg.device, batch_size=eval_bs)
@@ -161,6 +164,12 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     atomic_write_json(run_dir / "summary.json", summary)
     write_run_report(run_dir, summary)
     return summary
+
+
+def decision_batches(p: PruneSection, criterion: Criterion) -> int:
+    """Statistics batches of one pruning decision: ``prune.stats_batches``, or when unset as many as
+    ``criterion`` needs for a stable decision (``Criterion.stable_samples``, from the criteria benchmark)."""
+    return p.stats_batches or math.ceil(criterion.stable_samples / p.stats_batch_size)
 
 
 def _stats_data(train_set, p, seed: int):

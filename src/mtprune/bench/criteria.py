@@ -109,7 +109,8 @@ STATS_BATCHES, STATS_BATCH_SIZE = 64, 8  # 512 samples per pruning decision: the
 # Criteria that need more data for a stable decision. CosPrune averages per-batch cosines between task gradients,
 # which are noisy: with 64 batches its split-half rho was 0.83 and 0.75 (seeds 0, 1; fresh second decision), so it
 # decides from 256 batches (2,048 samples: the pool and 3 epochs of fresh scenes; the authors use 500 iterations
-# of 16 per step, METHODS.md). Spearman-Brown predicts rho of about 0.9 at four times the data.
+# of 16 per step, METHODS.md). Spearman-Brown predicts rho of about 0.9 at four times the data. These figures set
+# the library's defaults (``Criterion.stable_samples``); tests/test_bench_criteria.py checks that they agree.
 CRITERION_BATCHES = {"cosprune": 256}
 
 

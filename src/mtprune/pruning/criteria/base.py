@@ -23,6 +23,9 @@ class Criterion:
     normalize: ClassVar[str] = "none"
     # which groups ``applies_to`` accepts, in words (for the refusal when it accepts none of a model's groups)
     requirement: ClassVar[str] = "any channel group"
+    # samples per pruning decision at which two independent decisions agree (split-half rank correlation of the
+    # scores >= 0.91 in the criteria benchmark, benchmarks/README.md): the default of ``prune.stats_batches``
+    stable_samples: ClassVar[int] = 512
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

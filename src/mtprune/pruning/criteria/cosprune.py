@@ -30,6 +30,7 @@ class CosPrune(Criterion):
     name = "cosprune"
     requirement = "only shared backbone filters have two tasks' gradients to compare, and no group is in the backbone"
     needs = frozenset({TASK_WEIGHT_GRADS})
+    stable_samples = 2048  # noisy per-batch cosines: rho 0.75-0.83 from 512 samples, 0.91-0.96 from 2,048
 
     def applies_to(self, group: ChannelGroup) -> bool:
         return group.part == "backbone"
