@@ -189,6 +189,23 @@ def test_pagcp_refuses_other_targets_and_missing_data():
         mtprune.prune(model, batches[0][0], allocator="pagcp", target_macs=0.5)
 
 
+def test_part_ratio_zero_leaves_the_heads_out_and_other_ratios_are_refused():
+    """Garg et al.'s candidate pool (the backbone only) for PAGCP: part_ratios of 0 exclude those parts."""
+    model, batches = zoo_model(), zoo_batches()
+    x = batches[0][0]
+    before = PruningGraph(model, x)
+    heads = {g.root for g in before.groups if g.part in LOSSES}
+    widths0 = before.widths()
+    report = mtprune.prune(model, x, "l1", allocator="pagcp", target_macs=0.6, data=batches, losses=LOSSES,
+                           part_ratios={"seg": 0.0, "depth": 0.0}, pagcp={"budget": 1.5, "rounds": 3,
+                                                                            "held_out_batches": 2})
+    changed = {k for k, v in report.widths_after.items() if v != widths0[k]}
+    assert changed and heads and not changed & heads  # the backbone lost filters, no head filter went
+    with pytest.raises(MTPruneInputError, match="part_ratios"):
+        mtprune.prune(zoo_model(), x, "l1", allocator="pagcp", target_macs=0.6, data=batches, losses=LOSSES,
+                      part_ratios={"seg": 0.5})
+
+
 def test_macs_model_matches_physical_pruning():
     model, x = zoo_model(), zoo_batches(1)[0][0]
     graph = PruningGraph(model, x[:1])

@@ -102,7 +102,8 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
           round_data: Callable[[int], Iterable] | None = None, prior: PAGCPReport | None = None,
           on_round: Callable[[nn.Module, PAGCPReport], None] | None = None,
           target_latency: float | None = None, target_latency_ms: float | None = None,
-          latency: LatencySetting | Mapping[str, Any] | None = None) -> tuple[PAGCPReport, PruningGraph]:
+          latency: LatencySetting | Mapping[str, Any] | None = None,
+          exclude_parts: Iterable[str] = ()) -> tuple[PAGCPReport, PruningGraph]:
     """Prune ``model`` in place with PAGCP (Ye et al., TPAMI 2023). Returns the report and the final graph.
 
     Args:
@@ -116,6 +117,7 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         prior: the report of the rounds already run on ``model`` (a resumed run): continue with the next round,
             against the original MACs and params it recorded.
         on_round: called as ``on_round(model, report)`` after each round and the fine-tuning that follows it.
+        exclude_parts: parts (``ChannelGroup.part``, e.g. the task heads) whose filters are never candidates.
         target_latency, target_latency_ms: instead of ``target_macs``, a predicted latency (a fraction of the
             dense model's, or milliseconds) on the device of ``latency`` (see ``mtprune.prune``); the rounds then
             order, rank and fit by milliseconds (:class:`LatencyCost`), and ``report.latency`` records them.
@@ -164,7 +166,7 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
         with _seeded(seed * 1_000_003 + r):
             record = _one_round(model, example_inputs, graph, crit, probe, cfg, r,
                                 data if round_data is None else round_data(r), losses, stats_batches,
-                                engine if r == 0 else None, min_channels, goal, lat_setting)
+                                engine if r == 0 else None, min_channels, goal, lat_setting, frozenset(exclude_parts))
         report.rounds.append(record)
         report.macs_after, report.params_after = record.macs_after, record.params_after
         if report.latency is not None:
@@ -197,13 +199,14 @@ def pagcp(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
 def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, crit: Criterion, probe: LossProbe,
                cfg: PAGCPSettings, r: int, data: Iterable | None, losses: Mapping, stats_batches: int | None,
                engine: Any, min_channels: int, goal: float | None,
-               latency: LatencySetting | None = None) -> RoundRecord:
+               latency: LatencySetting | None = None, excluded: frozenset[str] = frozenset()) -> RoundRecord:
     t0, forwards0 = time.perf_counter(), probe.forwards
     probe.refresh()
     params_before, macs_before = count(model, example_inputs)
     with eval_mode(model):
         scores = criterion_scores(model, graph, crit, data=data, losses=losses, batches=stats_batches,
                                   engine=engine)
+        scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
         # the round's cost: MACs, or with a latency target (goal in ms) the predicted latency
         macs = MacsModel(model, example_inputs) if latency is None else LatencyCost(model, example_inputs, graph,
                                                                                    latency)
@@ -243,8 +246,9 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
     if len(target) != 1 or not set(target) <= set(targets):
         raise MTPruneInputError(f"allocator 'pagcp' prunes to a MACs or latency target: give one of {list(targets)} "
                                 f"(got {sorted(target)})")
-    if round_to != 1 or part_ratios:
-        raise MTPruneInputError("allocator 'pagcp' allocates per layer itself: round_to and part_ratios do not apply")
+    if round_to != 1 or any(v != 0 for v in (part_ratios or {}).values()):
+        raise MTPruneInputError("allocator 'pagcp' allocates per layer itself: round_to does not apply, and "
+                                "part_ratios only as 0 (a part left out of the candidates)")
     if data is None or losses is None:
         raise ValueError("allocator 'pagcp' measures every task's loss: pass data= and losses= to mtprune.prune")
     graph = graph or PruningGraph(model, example_inputs, min_channels=1)
@@ -253,7 +257,8 @@ def prune_pagcp(model: nn.Module, example_inputs: Tensor, criterion: Criterion, 
                           target_macs=target.get("target_macs"), settings=settings, probe_data=probe_data,
                           min_channels=min_channels, stats_batches=batches, seed=seed, graph=graph, engine=engine,
                           target_latency=target.get("target_latency"),
-                          target_latency_ms=target.get("target_latency_ms"), latency=latency)
+                          target_latency_ms=target.get("target_latency_ms"), latency=latency,
+                          exclude_parts=[part for part, v in (part_ratios or {}).items() if v == 0])
     model.mtprune_input_shape = input_spec(example_inputs)
     return PruneReport(
         criterion=criterion.name, target=dict(target), params_before=report.params_before,
