@@ -95,6 +95,18 @@ def test_resume_reuses_finished_entries(small, tmp_path):
     assert again["scratch"] == result["scratch"]
 
 
+def test_resume_with_another_schedule_reruns_instead_of_reusing_the_run_directories(small, monkeypatch):
+    """A changed schedule makes new entries, and their run directories are cleared, not resumed: resuming the
+    old directory returned the old trajectory under the new fingerprint."""
+    out, result = small
+    step = garg2023.SCALES["small"]["params_per_step"] - 0.05
+    monkeypatch.setitem(garg2023.SCALES["small"], "params_per_step", step)
+    again = garg2023.run(scale="small", out=str(out), threads=1, resume=True)
+    for crit in garg2023.CRITERIA:
+        traj = again["trajectories"][crit][0]["trajectory"]
+        assert traj[1]["params"] / traj[0]["params"] == pytest.approx(1 - step, abs=0.01), crit
+
+
 def test_unknown_scale_is_refused(tmp_path):
     with pytest.raises(MTPruneInputError, match="scale"):
         garg2023.run(scale="huge", out=str(tmp_path))

@@ -125,3 +125,21 @@ def test_interleaved_control_trains_on_the_same_schedule_without_removing(scenes
     assert records[2].metrics != records[0].metrics  # it trained
     with pytest.raises(MTPruneInputError, match="params_per_step"):
         interleaved_prune(make(), X, tasks(), train, val, tmp_path / "bad", params_per_step=1.5)
+
+
+def test_resuming_a_schedule_with_other_settings_is_refused(scenes, tmp_path):
+    """A run directory holds one experiment: resuming it with another removal rule must not hand back (or
+    continue) the stored trajectory as if it were the new one."""
+    train, val = scenes
+    kw = {"criterion": "l1", "interval": 1, "max_steps": 1, "batch_size": 6, "device": "cpu"}
+    _, first = interleaved_prune(make(), X, tasks(), train, val, tmp_path / "i", filters_per_step=4, **kw)
+    _, again = interleaved_prune(make(), X, tasks(), train, val, tmp_path / "i", filters_per_step=4, resume=True,
+                                 **kw)
+    assert [r.widths for r in again] == [r.widths for r in first]  # same settings: the stored trajectory
+    with pytest.raises(MTPruneInputError, match="params_per_step"):
+        interleaved_prune(make(), X, tasks(), train, val, tmp_path / "i", params_per_step=0.1, resume=True, **kw)
+    it = {"criterion": "l1", "steps": 1, "finetune": TrainConfig(epochs=0, batch_size=6, quiet=True,
+                                                                  device="cpu")}
+    iterative_prune(make(), X, tasks(), train, val, tmp_path / "t", target_macs=0.5, **it)
+    with pytest.raises(MTPruneInputError, match="target_macs"):
+        iterative_prune(make(), X, tasks(), train, val, tmp_path / "t", target_macs=0.3, resume=True, **it)

@@ -120,7 +120,19 @@ def _dense(setup: _Setup, resume: bool) -> dict:
     return setup.train(recipe.build_configured_model(setup.cfg, setup.tasks), setup.dense_dir, resume)
 
 
-def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume: bool) -> dict:
+def _entry_dir(path: Path, key: str, resume: bool) -> bool:
+    """Make ``path`` the run directory of the entry fingerprinted ``key``; True when it resumes a run of that same
+    entry. A directory left by other settings (another suite version) is cleared, never resumed."""
+    mark = path / "entry_fingerprint"
+    same = resume and mark.is_file() and mark.read_text() == key
+    if not same and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(mark, key)
+    return same
+
+
+def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume: bool, key: str) -> dict:
     """The paper's interleaved schedule from the seed's dense model with ``criterion`` (backbone filters only), or
     with nothing removed (``CONTROL``)."""
     start = time.perf_counter()
@@ -129,9 +141,7 @@ def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume:
     model = rebuild()
     load_model_state(model, setup.dense_dir / "checkpoints" / "best.pt")
     run_dir = setup.dir / criterion
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = _entry_dir(run_dir, key, resume)
     removal = {"filters_per_step": 0} if criterion == CONTROL else {"params_per_step": plan["params_per_step"]}
     _, records = interleaved_prune(
         model, setup.x, setup.tasks, setup.train_set, setup.val_set, run_dir,
@@ -160,15 +170,13 @@ def _zoo_init(model: torch.nn.Module, seed: int) -> None:
                 torch.nn.init.normal_(layer.weight, 0.0, 0.01)
 
 
-def _scratch(setup: _Setup, criterion: str, point: dict, dense: dict, resume: bool) -> dict:
+def _scratch(setup: _Setup, criterion: str, point: dict, dense: dict, resume: bool, key: str) -> dict:
     """The architecture of one trajectory point, re-initialised and trained with the dense recipe."""
     rebuild = lambda: recipe.build_configured_model(setup.cfg, setup.tasks)  # noqa: E731
     model = rebuild_from_widths(rebuild, setup.x, point["widths"], seed=setup.cfg.seed)
     _zoo_init(model, setup.cfg.seed)
     run_dir = setup.dir / f"{criterion}_scratch_{point['step']}"
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    out = setup.train(model, run_dir, resume)
+    out = setup.train(model, run_dir, _entry_dir(run_dir, key, resume))
     return {"criterion": criterion, "seed": setup.cfg.seed, "step": point["step"], **out,
             "delta_m": delta_m(out["metrics"], dense["metrics"], setup.tasks),
             "iterative": {k: point[k] for k in ("params", "metrics", "delta_m", "epochs")}}
@@ -197,16 +205,17 @@ def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = Fa
             dense[seed] = _dense(setup, False)
         schedule = {k: v for k, v in plan.items() if k not in ("config", "seeds", "scratch_steps")}
         for crit in (*CRITERIA, CONTROL):
+            key = fingerprint(*base, schedule, crit)
             traj = entries.get(f"s{seed}_{crit}",
-                               lambda s=setup, c=crit, d=dense[seed]: _interleaved(s, c, plan, d, resume),
-                               fingerprint(*base, schedule, crit))
+                               lambda s=setup, c=crit, d=dense[seed], k=key: _interleaved(s, c, plan, d, resume, k),
+                               key)
             trajectories[crit].append(traj)
             for point in traj["trajectory"] if crit != CONTROL else ():
                 if point["step"] in plan["scratch_steps"]:
+                    key = fingerprint(*base, schedule, crit, point["widths"])
                     scratch.append(entries.get(
                         f"s{seed}_{crit}_scratch_{point['step']}",
-                        lambda s=setup, c=crit, p=point, d=dense[seed]: _scratch(s, c, p, d, resume),
-                        fingerprint(*base, schedule, crit, point["widths"])))
+                        lambda s=setup, c=crit, p=point, d=dense[seed], k=key: _scratch(s, c, p, d, resume, k), key))
     result = {"suite": "garg2023", "scale": scale, "machine": machine(),
               "config": _config(scale, plan["seeds"][0]).model_dump(mode="json"),
               "plan": {k: v for k, v in plan.items() if k != "config"},

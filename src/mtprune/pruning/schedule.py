@@ -84,20 +84,31 @@ def _stats_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
                       collate_fn=collate)
 
 
-def _write_state(run_dir: Path, records: list[StepRecord], **extra) -> None:
-    atomic_write_json(run_dir / "schedule.json", {"records": [asdict(r) for r in records], **extra})
+def _write_state(run_dir: Path, records: list[StepRecord], settings: Mapping[str, object]) -> None:
+    atomic_write_json(run_dir / "schedule.json", {"records": [asdict(r) for r in records],
+                                                  "settings": dict(settings)})
 
 
-def _read_state(run_dir: Path) -> list[StepRecord]:
+def _read_state(run_dir: Path, settings: Mapping[str, object]) -> list[StepRecord]:
+    """The records of a schedule started in ``run_dir``; refused when it was started with other ``settings``
+    (resuming would silently continue, or return, another experiment's trajectory)."""
     import json
 
     path = run_dir / "schedule.json"
     if not path.is_file():
         return []
     try:
-        return [StepRecord(**r) for r in json.loads(path.read_text())["records"]]
+        state = json.loads(path.read_text())
+        records = [StepRecord(**r) for r in state["records"]]
     except (ValueError, KeyError, TypeError) as err:
         raise MTPruneInputError(f"{path}: corrupt schedule state ({err})") from None
+    stored, wanted = state.get("settings"), json.loads(json.dumps(dict(settings)))
+    if stored != wanted:
+        changed = sorted(k for k in wanted if not isinstance(stored, dict) or stored.get(k) != wanted[k])
+        raise MTPruneInputError(f"{run_dir}: this schedule was started with other settings "
+                                f"({', '.join(changed) or 'none recorded'}); resume it with the same ones or start "
+                                "it in a new directory")
+    return records
 
 
 def _record(step: int, model: nn.Module, example_inputs: Tensor, graph_widths: dict[str, int],
@@ -137,7 +148,9 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
     rebuild = rebuild or _default_rebuild(model)
     crit = get_criterion(criterion, seed=finetune.seed) if isinstance(criterion, str) else criterion
     pick = 1 if target_macs is not None else 0
-    records = _read_state(run_dir) if resume else []
+    settings = {"schedule": "iterative", "criterion": crit.name, kind: goal, "steps": steps,
+                "stats_batches": stats_batches, "stats_batch_size": stats_batch_size}
+    records = _read_state(run_dir, settings) if resume else []
     if records:
         done = records[-1].step
         if done > 0:
@@ -148,7 +161,7 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
             extra["latency_ms"] = model_latency(model, example_inputs, prune_kw.get("latency"))
         records = [_record(0, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
                            finetune.device, finetune.eval_batch_size or finetune.batch_size, extra=extra)]
-        _write_state(run_dir, records)
+        _write_state(run_dir, records, settings)
     original = (records[0].params, records[0].macs)[pick]
     if kind.startswith("target_latency"):
         if "latency_ms" not in records[0].extra:
@@ -183,7 +196,7 @@ def iterative_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[str
         rec = _record(step, model, example_inputs, PruningGraph(model, example_inputs).widths(), val_set, tasks,
                       cfg.device, cfg.eval_batch_size or cfg.batch_size)
         records.append(rec)
-        _write_state(run_dir, records)
+        _write_state(run_dir, records, settings)
         if not finetune.quiet:
             progress_line(step_line("prune step", rec, records[0], steps))
         if on_step:
@@ -245,7 +258,12 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
     crit = get_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
     losses = as_losses(tasks)
     excluded = set(exclude_parts)
-    records = _read_state(run_dir) if resume else []
+    settings = {"schedule": "interleaved", "criterion": crit.name, "interval": interval,
+                "filters_per_step": filters_per_step, "params_per_step": params_per_step, "max_steps": max_steps,
+                "target_macs": target_macs, "target_params": target_params, "lr": lr, "weight_decay": weight_decay,
+                "restart_epochs": restart_epochs, "batch_size": batch_size, "min_channels": min_channels,
+                "seed": seed, "exclude_parts": sorted(excluded)}
+    records = _read_state(run_dir, settings) if resume else []
     if records and records[-1].step > 0:
         model = load_model(run_dir / "steps" / str(records[-1].step) / "model.mtp", base=rebuild())
     model.to(dev)
@@ -253,7 +271,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
     if not records:
         records = [_record(0, model, x, PruningGraph(model, x).widths(), val_set, tasks, device, batch_size,
                            iteration=0)]
-        _write_state(run_dir, records)
+        _write_state(run_dir, records, settings)
     p0, m0 = records[0].params, records[0].macs
     iters_per_epoch = math.ceil(len(train_set) / batch_size)
     eval_every = max(interval // max(evals_per_interval, 1), 1)
@@ -309,7 +327,7 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         save_model(model, run_dir / "steps" / str(step) / "model.mtp", example_inputs=x.cpu())
         records.append(_record(step, model, x, graph.widths(), val_set, tasks, device, batch_size, iteration=start,
                                extra={"best_val_loss": best_loss}))
-        _write_state(run_dir, records)
+        _write_state(run_dir, records, settings)
         progress_line(step_line("prune step", records[-1], records[0], max_steps))
         if on_step:
             on_step(records[-1])
