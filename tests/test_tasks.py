@@ -133,6 +133,12 @@ def test_delta_m_signs():
     worse = {k: dict(v) for k, v in ref.items()}
     worse["depth"]["abs_err"] = 0.6  # error up 20% -> -10% for depth -> -10/3 overall
     assert delta_m(worse, ref, tasks) == pytest.approx(-10 / 3)
+    from mtprune.tasks.delta_m import delta_m_or_none
+
+    assert delta_m_or_none(worse, ref, tasks) == pytest.approx(-10 / 3)
+    zero = {k: dict(v) for k, v in ref.items()}
+    zero["seg"]["miou"] = 0.0  # Δm undefined against a reference metric of 0
+    assert delta_m_or_none(worse, zero, tasks) is None and delta_m_or_none(worse, None, tasks) is None
 
 
 def test_presets():

@@ -29,7 +29,7 @@ from .pruning.graph import PruningGraph
 from .pruning.prune import as_losses, prune
 from .pruning.schedule import StepRecord, interleaved_prune, iterative_prune, rebuild_from_widths
 from .report.run_report import write_run_report
-from .tasks import delta_m
+from .tasks.delta_m import delta_m_or_none
 from .utils.atomic import atomic_write_json, atomic_write_text
 from .utils.errors import MTPruneInputError
 
@@ -63,16 +63,9 @@ def _dense_model(cfg: RunConfig, tasks, train_set, val_set, run_dir: Path, quiet
     return model, untrained
 
 
-def _safe_delta_m(metrics, reference, tasks) -> float | None:
-    try:
-        return delta_m(metrics, reference, tasks)
-    except MTPruneInputError:  # a reference metric of 0: Δm is undefined
-        return None
-
-
 def _row(name: str, model: nn.Module, x: torch.Tensor, metrics, reference, tasks, **extra) -> dict:
     prof = profile(model, x, repeats=10)
-    return {"name": name, "metrics": metrics, "delta_m": _safe_delta_m(metrics, reference, tasks),
+    return {"name": name, "metrics": metrics, "delta_m": delta_m_or_none(metrics, reference, tasks),
             "params": prof.params, "macs": prof.macs, "latency_ms": prof.latency_ms,
             "macs_per_subset": prof.macs_per_subset, "setting": prof.setting, **extra}
 
@@ -140,7 +133,7 @@ def compress(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool
     if untrained is not None:
         same_cost = {k: rows[0][k] for k in ("params", "macs", "latency_ms", "macs_per_subset", "setting")}
         rows.insert(0, {"name": "untrained", "metrics": untrained,
-                        "delta_m": _safe_delta_m(untrained, dense_metrics, tasks), **same_cost})
+                        "delta_m": delta_m_or_none(untrained, dense_metrics, tasks), **same_cost})
     if p.retrain_from_scratch:
         scratch = rebuild_from_widths(rebuild, x, widths_after, seed=cfg.seed, heads=head_layout(model))
         opts = recipe.train_options(cfg, quiet=quiet, resume=resume and (run_dir / "scratch").is_dir())

@@ -36,7 +36,7 @@ from ..io import load as load_model
 from ..io import save as save_model
 from ..measure import profile
 from ..report.markdown import model_table, write_report
-from ..tasks import delta_m
+from ..tasks.delta_m import delta_m_or_none
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import resolve_device, seed_everything
@@ -73,15 +73,6 @@ def _sparse_train_config(section: TrainSection, steps: int, **checkpointing) -> 
     return SparseTrainConfig(steps=steps, lr=section.lr, optimizer=section.optimizer,
                              weight_decay=section.weight_decay, momentum=section.momentum,
                              grad_clip=section.grad_clip, cosine=section.scheduler == "cosine", **checkpointing)
-
-
-def _safe_delta_m(metrics, reference, tasks) -> float | None:
-    if reference is None:
-        return None
-    try:
-        return delta_m(metrics, reference, tasks)
-    except MTPruneInputError:
-        return None
 
 
 def run_sparsify(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False) -> dict:
@@ -194,7 +185,7 @@ def _finish(cfg: RunConfig, run_dir: Path, model: nn.Module, result: SparsityRes
     prof = profile(model, x, latency=False)
     nonzero = prof.params - (total - kept)
     rows.append({"name": f"{result.method} {result.target:.0%}", "metrics": metrics,
-                 "delta_m": _safe_delta_m(metrics, reference, tasks), "params": nonzero,
+                 "delta_m": delta_m_or_none(metrics, reference, tasks), "params": nonzero,
                  "macs": prof.macs, "latency_ms": speed["masked_ms"]})
     plots = {}
     if result.agreement:

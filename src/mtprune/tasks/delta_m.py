@@ -34,3 +34,14 @@ def delta_m(scores: Scores, reference: Scores, tasks: Mapping[str, Task]) -> flo
     """Δm of ``scores`` against an explicit ``reference``, over each task's declared metrics."""
     per_task = task_deltas(scores, reference, tasks)
     return sum(per_task.values()) / len(per_task)
+
+
+def delta_m_or_none(scores: Scores, reference: Scores | None, tasks: Mapping[str, Task]) -> float | None:
+    """:func:`delta_m`, or ``None`` where it is undefined (no reference, or a reference metric of 0): for reports
+    that show every row whether or not Δm can be computed."""
+    if reference is None:
+        return None
+    try:
+        return delta_m(scores, reference, tasks)
+    except MTPruneInputError:
+        return None
