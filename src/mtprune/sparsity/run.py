@@ -31,7 +31,7 @@ from .. import recipe
 from ..config import RunConfig, TrainSection, dump_config
 from ..engine.checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from ..engine.evaluate import evaluate
-from ..engine.trainer import Trainer
+from ..engine.trainer import Trainer, set_data_epoch
 from ..io import load as load_model
 from ..io import save as save_model
 from ..measure import profile
@@ -147,6 +147,7 @@ def _find_masks(cfg: RunConfig, run_dir: Path, tasks, train_set, val_set, x, *, 
     result = sparsify(model, x.to(device), s.method, s.sparsity, data=data, losses=tasks, batches=s.batches,
                       score=s.score, tolerance=s.tolerance, seed=cfg.seed, train=train, schedule=schedule,
                       rounds=s.rounds, rewind=s.rewind, score_init=s.score_init)
+    set_data_epoch(train_set, 0)  # as after a training run: later readers see the stored pool
     return model, result, rows, reference
 
 

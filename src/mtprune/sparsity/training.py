@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..engine.batch import unpack_batch
 from ..engine.checkpoint import capture_rng, load_checkpoint, one_line, restore_rng, save_checkpoint
 from ..engine.optim import build_optimizer
+from ..engine.trainer import set_data_epoch
 from ..utils.errors import MTPruneInputError
 from ..utils.inputs import call_model
 from .masks import apply_masks, is_masked, maskable_layers
@@ -56,9 +57,17 @@ class SparseTrainConfig:
             raise MTPruneInputError(f"invalid sparse training options {self}")
 
 
-def cycle(data: Iterable) -> Iterator:
-    """Iterate ``data`` again and again (a shuffling DataLoader reshuffles each pass)."""
+def cycle(data: Iterable, step: int = 0) -> Iterator:
+    """Iterate ``data`` again and again (a shuffling DataLoader reshuffles each pass). A DataLoader's dataset is
+    told the epoch of each pass (``set_data_epoch``; counted from 1 as the trainer does, the first pass being
+    epoch ``step // len(data) + 1``), so a procedural dataset such as ``synthetic_scenes`` serves the sparse loops
+    fresh samples every epoch exactly as it serves the trainer."""
+    dataset = getattr(data, "dataset", None)
+    epoch = step // len(data) + 1 if dataset is not None and len(data) else 1
     while True:
+        if dataset is not None:
+            set_data_epoch(dataset, epoch)
+        epoch += 1
         seen = False
         for batch in data:
             seen = True
@@ -118,7 +127,7 @@ class SparseLoop:
 
     def new_pass(self) -> None:
         """Make the next batch start a new pass over the data (done after every checkpoint)."""
-        self.batches = cycle(self.data)
+        self.batches = cycle(self.data, self.step)
 
     def save(self, kind: str, **state: Any) -> None:
         """:func:`save_progress` of this loop: the model, the optimizer, the step and the losses so far, plus
