@@ -34,7 +34,8 @@ def suites(tmp_path_factory):
     """One small ``mfis`` suite run (LeNet-5, 2 tasks, and the presence testbed with one seed), which runs the
     matching ``pam`` entries first."""
     out = tmp_path_factory.mktemp("bench") / "mfis"
-    result = M.run_mfis(scale="small", out=out, threads=1, models=["lenet"], task_sets=["2tasks"], seeds=[0])
+    result = M.run_mfis(scale="small", out=out, threads=1, models=["lenet"], task_sets=["2tasks"], seeds=[0],
+                        presence=[M.PRESENCE])
     return out, result
 
 
@@ -82,7 +83,8 @@ def test_pam_suite_resumes_and_reruns_changed_settings(suites, monkeypatch, tmp_
         raise RuntimeError("recomputed")
 
     monkeypatch.setattr(M, "run_merge", boom)
-    again = M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0])
+    again = M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0],
+                      presence=[M.PRESENCE])
     assert again["no_merge_over_pam"]["lenet_2tasks"] == {r["subset"]: r["no_merge_over_pam"]
                                                           for r in before["summary"]["table"]}
     assert (pam / "report.md").is_file() and (pam / "pam_cost_per_subset.png").is_file()
@@ -92,10 +94,12 @@ def test_pam_suite_resumes_and_reruns_changed_settings(suites, monkeypatch, tmp_
     presence = json.loads((pam / "summary.json").read_text())["entries"][M.PRESENCE]  # reused too, not recomputed
     assert presence["seeds"] == [0] and again[M.PRESENCE]["seeds"] == [0] and "per_seed" in presence
     with pytest.raises(RuntimeError, match="recomputed"):  # without --resume every entry reruns
-        M.run_pam(scale="small", out=pam, threads=1, resume=False, models=["lenet"], task_sets=["2tasks"], seeds=[0])
+        M.run_pam(scale="small", out=pam, threads=1, resume=False, models=["lenet"], task_sets=["2tasks"], seeds=[0],
+                  presence=[M.PRESENCE])
     monkeypatch.setitem(M.SCALE_OVERRIDES, "small", [*M.SCALE_OVERRIDES["small"], "prune.accuracy_drop=3"])
     with pytest.raises(RuntimeError, match="recomputed"):  # other settings: the stored entry is not reused
-        M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0])
+        M.run_pam(scale="small", out=pam, threads=1, resume=True, models=["lenet"], task_sets=["2tasks"], seeds=[0],
+                  presence=[M.PRESENCE])
 
 
 def test_merge_reuses_given_single_task_networks(suites, tmp_path):
@@ -168,7 +172,7 @@ def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
     monkeypatch.setattr(M, "run_merge", spy)
     monkeypatch.setattr(M, "run_from_config", boom)
     monkeypatch.setattr(M, "PRESENCE_PAM_LADDER", "joint")
-    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0])
+    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0], presence=[M.PRESENCE])
     new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
     assert len(seen) == 1 and seen[0] == old["summary"]  # recomputed once, from the old entry's no merging / naive
     assert new["fingerprint"] != old["fingerprint"] and new["base_fingerprint"] == old["base_fingerprint"]
@@ -203,7 +207,7 @@ def test_new_refine_reruns_no_merging_and_keeps_naive(suites, monkeypatch, tmp_p
     monkeypatch.setattr(M, "run_merge", spy)
     monkeypatch.setattr(M, "run_from_config", boom)
     monkeypatch.setitem(M.PRESENCE_SCALE, "small", [*M.PRESENCE_SCALE["small"], "prune.refine=0"])
-    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0])
+    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0], presence=[M.PRESENCE])
     new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
     assert seen == [["naive"]] and new["summary"]["reused"] == ["naive"]
     assert new["base_fingerprint"] == old["base_fingerprint"]

@@ -264,7 +264,7 @@ def test_registry_errors():
     with pytest.raises(MTPruneInputError, match="bogus"):
         D.load("cityscapes", root="/nowhere", bogus=1)
     assert set(D.DATASETS) == {"nyuv2", "nyuv2_40", "cityscapes", "celeba", "synthetic_scenes", "multidigits",
-                               "presence"}
+                               "presence", "scene_presence"}
 
 
 def test_missing_root_and_split(tmp_path):

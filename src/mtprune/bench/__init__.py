@@ -31,8 +31,9 @@ DESCRIPTIONS: dict[str, str] = {
     "garg2023": "Garg et al. 2023: metric against parameters, iterative pruning against retraining from scratch",
     "disparse2022": "DiSparse (Sun et al. 2022) against its baselines at 50/70/90 % sparsity",
     "speed": "latency bought by removed MACs, sparse storage, and the statistics engine's time and memory",
-    "pam": "PAM merging (He et al. 2021) on multidigits, LeNet-5 and VGG-16, 2 and 3 tasks",
-    "mfis": "MFIS merging (Cheng et al. 2021) against PAM and no merging on multidigits",
+    "pam": "PAM merging (He et al. 2021): presence testbeds (digits + LeNet-5, scene objects + VGG-16-BN; 3 seeds) "
+           "and the left/right multidigits stress test",
+    "mfis": "MFIS merging (Cheng et al. 2021) against PAM and no merging on the same networks",
     "latency_quality": "Δm at equal latency (latency target) against equal MACs, fine-tuned alike, criteria testbed",
     "conformance": "every criterion on every torchvision/timm model of the conformance list, against Torch-Pruning",
     "vit": "head-aware ViT pruning (l1, taylor) against Torch-Pruning's ViT recipe at equal MACs, on multidigits",

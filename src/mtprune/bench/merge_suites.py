@@ -21,7 +21,10 @@ and a changed PAM ladder reruns only PAM (no merging and naive merging are taken
 same base settings, no merging only if it was walked with the same ``prune.refine``, and MFIS's entries, keyed
 by those base settings, stay).
 Their summaries carry a ``presence_lenet`` entry with the verdicts over the seeds (:func:`presence_digest`,
-:func:`mfis_presence_digest`); the left/right multidigits entries stay as a stress test.
+:func:`mfis_presence_digest`); the left/right multidigits entries stay as a stress test. The CelebA-like VGG
+testbed ``presence_vgg`` (object presence in ``synthetic_scenes``, classes 0–4 / 5–9, VGG-16;
+``configs/merge_pam_presence_vgg.yaml``) runs through the same mechanism (``PRESENCE_TESTBEDS``) with the same
+seeds, pruning and summary keys; ``presence=`` picks the testbeds (all by default).
 
 Single-task networks are trained once per (model, task, seed, data, training) into a store under the ``pam``
 results (``runs/singles``, git-ignored) by :func:`~mtprune.merging.singles.prepare_singles` and copied into
@@ -37,6 +40,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from ..merging.mfis.run import MFISConfig, run_from_config
 from ..merging.singles import prepare_singles
 from ..recipe import prepare_run_dir
 from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.errors import MTPruneInputError
 from .common import Entries, machine, results_dir
 
 MODELS = {"lenet": "merge_pam_multidigits.yaml", "vgg": "merge_pam_multidigits_vgg.yaml"}
@@ -81,6 +86,14 @@ MFIS_SETTINGS["cpu"]["presence_lenet"] = {
     "finetune": {"epochs": 12, "batch_size": 64, "lr": 0.002, "scheduler": "cosine"}}
 MFIS_SETTINGS["small"]["presence_lenet"] = {**MFIS_SETTINGS["small"]["lenet"], "select": "budget",
                                             "budget": {"accuracy_drop": 100.0, "candidates": 2}}
+# the VGG presence testbed: the same selection, fine-tuned with its PAM retraining schedule
+# (configs/merge_pam_presence_vgg.yaml: 6 epochs, batch 32, lr 0.0005)
+MFIS_SETTINGS["cpu"]["presence_vgg"] = {
+    "pop_size": 100, "generations": 150, "select": "budget",
+    "budget": {"accuracy_drop": 2.0, "candidates": 5, "rescue_epochs": 6},
+    "finetune": {"epochs": 6, "batch_size": 32, "lr": 0.0005, "scheduler": "cosine"}}
+MFIS_SETTINGS["small"]["presence_vgg"] = {**MFIS_SETTINGS["small"]["vgg"], "select": "budget",
+                                          "budget": {"accuracy_drop": 100.0, "candidates": 2}}
 APPROACH_LABELS = {"no_merge": "no merging", "naive": "naive merging", "pam": "PAM"}
 # PAM's grouping under other KDE noise variances and thresholds α (conv, linear), on the same networks: the
 # paper's setting, α = 0 (only neurons constant on the batch are irrelevant), larger noise, larger α
@@ -249,6 +262,29 @@ PRESENCE = "presence_lenet"
 PRESENCE_CONFIG = "merge_pam_presence.yaml"
 PRESENCE_SEEDS = (0, 1, 2)
 PRESENCE_SCALE: dict[str, list[str]] = {"cpu": [], "small": ["merge.relevance=null"]}  # small: keep every neuron
+# the CelebA-like VGG testbed (issue 16): object presence in synthetic_scenes, classes 0–4 / 5–9, tanh + MSE, VGG-16
+PRESENCE_VGG = "presence_vgg"
+
+
+@dataclass(frozen=True)
+class PresenceTestbed:
+    """A presence testbed of both suites: its ``mtprune merge`` config, the model key of its entries (and of its
+    MFIS settings' defaults), the report's description, and its config overrides per scale."""
+
+    config: str
+    model: str
+    title: str
+    scale: dict[str, list[str]]
+
+
+PRESENCE_TESTBEDS: dict[str, PresenceTestbed] = {
+    PRESENCE: PresenceTestbed(PRESENCE_CONFIG, "lenet", "digit presence (3 digits per canvas, low = 0–4, high = "
+                              "5–9, tanh + MSE), LeNet-5", PRESENCE_SCALE),
+    PRESENCE_VGG: PresenceTestbed("merge_pam_presence_vgg.yaml", "vgg", "object presence in synthetic scenes "
+                                  "(32×40, 5–10 objects, objects_a = classes 0–4, objects_b = 5–9, tanh + MSE; "
+                                  "CelebA-like), VGG-16-BN at 1/8 width",
+                                  {"cpu": [], "small": ["merge.relevance=null"]}),
+}
 # PAM's pruning on the presence testbed: the joint ladder, then each task's exclusive part alone (continuation.py),
 # the per-task stopping rule no merging has; "joint" is the joint-only ladder (the entries before issue 16's rerun)
 PRESENCE_PAM_LADDER = "per_task"
@@ -257,20 +293,44 @@ PRESENCE_PAM_LADDER = "per_task"
 PRESENCE_PER_TASK_FINETUNE = "joint"
 
 
-def _presence_config(seed: int, scale: str, threads: int):
+def _testbeds(presence: bool | Sequence[str]) -> list[str]:
+    """The presence testbeds a suite runs: every one (``True``), none (``False``) or those named."""
+    if isinstance(presence, bool):
+        return list(PRESENCE_TESTBEDS) if presence else []
+    names = [presence] if isinstance(presence, str) else list(presence)
+    unknown = [t for t in names if t not in PRESENCE_TESTBEDS]
+    if unknown:
+        raise MTPruneInputError(f"unknown presence testbeds {unknown}; known: {', '.join(PRESENCE_TESTBEDS)}")
+    return names
+
+
+def _presence_config(seed: int, scale: str, threads: int, testbed: str = PRESENCE):
     if scale not in SCALE_OVERRIDES:
         raise ValueError(f"unknown scale {scale!r} for the merge suites; known: {', '.join(SCALE_OVERRIDES)}")
-    overrides = [f"name=pam_{PRESENCE}_s{seed}", f"seed={seed}", f"threads={threads}", f"cost.threads={threads}",
-                 *SCALE_OVERRIDES[scale], *PRESENCE_SCALE[scale],
+    bed = PRESENCE_TESTBEDS[testbed]
+    overrides = [f"name=pam_{testbed}_s{seed}", f"seed={seed}", f"threads={threads}", f"cost.threads={threads}",
+                 *SCALE_OVERRIDES[scale], *bed.scale[scale],
                  f"prune.per_task={str(PRESENCE_PAM_LADDER == 'per_task').lower()}",
                  f"prune.per_task_finetune={PRESENCE_PER_TASK_FINETUNE}"]
-    return load_merge_config(_config_dir() / PRESENCE_CONFIG, overrides)
+    return load_merge_config(_config_dir() / bed.config, overrides)
 
 
-def _presence_entry(seed: int, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
-    cfg = _presence_config(seed, scale, threads)
-    return _merge_entry(cfg, f"{PRESENCE}_s{seed}", {"model": "lenet", "task_set": "presence", "seed": seed}, scale,
-                        folder)
+def _presence_entry(seed: int, scale: str, threads: int, folder: Path, testbed: str = PRESENCE
+                    ) -> tuple[str, Callable[[], dict]]:
+    cfg = _presence_config(seed, scale, threads, testbed)
+    meta = {"model": PRESENCE_TESTBEDS[testbed].model, "task_set": "presence", "seed": seed}
+    return _merge_entry(cfg, f"{testbed}_s{seed}", meta, scale, folder)
+
+
+def _presence_runs(testbed: str, seeds: Sequence[int], scale: str, threads: int, folder: Path, resume: bool
+                   ) -> dict[str, dict]:
+    """The ``pam`` entries of ``testbed``, one per seed (``s<seed>``), stored in ``folder``."""
+    entries = Entries(folder, resume=resume)
+    runs = {}
+    for seed in seeds:
+        fingerprint, fn = _presence_entry(seed, scale, threads, folder, testbed)
+        runs[f"s{seed}"] = _get(entries, f"{testbed}_s{seed}", fingerprint, fn, with_previous=True)
+    return runs
 
 
 # issue 16's targets on the presence testbed (the paper's LeNet row): no merging / PAM at the budget
@@ -278,7 +338,7 @@ PRESENCE_TARGETS = {"all_tasks": 1.16, "single_task": 1.0}
 
 
 def presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``presence_lenet`` summary from its per-seed digests (:func:`_pam_digest`): budget met by no merging
+    """A presence testbed's summary from its per-seed digests (:func:`_pam_digest`): budget met by no merging
     and PAM in every seed, PAM's exclusive neurons, no merging / PAM for all tasks and for single tasks, and
     whether issue 16's targets (``PRESENCE_TARGETS``) hold."""
     seeds = sorted(int(r["seed"]) for r in runs.values())
@@ -337,7 +397,6 @@ def _sensitivity_entry(model: str, task_set: str, scale: str, threads: int, fold
         from ..merging.cost import merged_costs, separate_costs
         from ..merging.experiment import tasks_of
         from ..merging.pam import pam
-        from ..utils.errors import MTPruneInputError
 
         with tempfile.TemporaryDirectory() as tmp:
             prepare_singles(cfg, folder / "runs" / "singles", tmp)
@@ -384,9 +443,10 @@ def _pam_settings(cfg) -> dict:
 
 def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
             models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None,
-            presence: bool = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
+            presence: bool | Sequence[str] = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
     """PAM against naive merging and no merging: LeNet-5 and VGG-16 on left/right multidigits, 2 and 3 tasks (the
-    stress test), and the presence testbed over ``seeds`` (``presence``); see the module docstring."""
+    stress test), and the presence testbeds over ``seeds`` (``presence``: all, none, or those named); see the
+    module docstring."""
     threads = threads or 1
     torch.set_num_threads(threads)
     folder = results_dir("pam", out)
@@ -401,21 +461,19 @@ def run_pam(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool 
         sensitivity[f"{model}_{task_set}"] = _get(entries, f"{model}_{task_set}_sensitivity", fingerprint, fn)
     summary = {"suite": "pam", "scale": scale, "machine": machine(),
                "entries": {k: {**_pam_digest(v), "sensitivity": sensitivity[k]["rows"]} for k, v in results.items()}}
-    if presence:
-        runs = {}
-        for seed in seeds:
-            fingerprint, fn = _presence_entry(seed, scale, threads, folder)
-            runs[f"s{seed}"] = _get(entries, f"{PRESENCE}_s{seed}", fingerprint, fn, with_previous=True)
-        results.update({f"{PRESENCE}_{k}": v for k, v in runs.items()})
+    testbeds = _testbeds(presence)
+    for testbed in testbeds:
+        runs = _presence_runs(testbed, seeds, scale, threads, folder, resume)
+        results.update({f"{testbed}_{k}": v for k, v in runs.items()})
         digests = {k: {**_pam_digest(v), "seed": v["seed"]} for k, v in runs.items()}
-        summary["entries"][PRESENCE] = {**presence_digest(digests), "runs": digests}
+        summary["entries"][testbed] = {**presence_digest(digests), "runs": digests}
     plot_pam(results, folder / "pam_cost_per_subset.png")
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_text(folder / "report.md", render_pam(summary))
     return {"suite": "pam", "scale": scale, "runs": list(results),
             "no_merge_over_pam": {k: v["no_merge_over_pam"] for k, v in summary["entries"].items()
                                   if "no_merge_over_pam" in v},
-            **({PRESENCE: {k: v for k, v in summary["entries"][PRESENCE].items() if k != "runs"}} if presence else {})}
+            **{t: {k: v for k, v in summary["entries"][t].items() if k != "runs"} for t in testbeds}}
 
 
 def _pam_digest(entry: Mapping[str, Any]) -> dict:
@@ -478,7 +536,7 @@ def render_pam(summary: Mapping[str, Any]) -> str:
              "accuracy budget of its single-task network is kept. MACs per sample; latency of a batch of "
              "16 on the CPU, one thread.", "", "![cost per subset](pam_cost_per_subset.png)", ""]
     for label, e in summary["entries"].items():
-        lines += _render_presence(e) if label == PRESENCE else _render_entry(label, e)
+        lines += _render_presence(e, label) if label in PRESENCE_TESTBEDS else _render_entry(label, e)
     return "\n".join(lines)
 
 
@@ -534,10 +592,9 @@ def _render_relevance(layers: Sequence[Mapping[str, Any]], tasks: Sequence[str])
     return out
 
 
-def _render_presence(e: Mapping[str, Any]) -> list[str]:
-    """The presence testbed: the verdicts over its seeds, then each seed's entry."""
-    lines = [f"## {PRESENCE}: digit presence (3 digits per canvas, low = 0–4, high = 5–9, tanh + MSE), LeNet-5, "
-             f"seeds {e['seeds']}", "",
+def _render_presence(e: Mapping[str, Any], label: str = PRESENCE) -> list[str]:
+    """A presence testbed: the verdicts over its seeds, then each seed's entry."""
+    lines = [f"## {label}: {PRESENCE_TESTBEDS[label].title}, seeds {e['seeds']}", "",
              f"No merging and PAM within the budget in every seed: **{e['within_budget']}**. Exclusive neurons found "
              f"by PAM (fewest over the seeds): **{e['exclusive_neurons']}**. No merging / PAM for both tasks, mean "
              f"over seeds: **{e['no_merge_over_pam_all_tasks']:.2f}×**; for a single task, the smallest over tasks and "
@@ -574,7 +631,7 @@ def _render_presence(e: Mapping[str, Any]) -> list[str]:
                          f"{v['joint_single_task_min']:.2f}× | {walks} |")
         lines.append("")
     for k, run in e["runs"].items():
-        lines += _render_entry(f"{PRESENCE} {k}", run)
+        lines += _render_entry(f"{label} {k}", run)
     return lines
 
 
@@ -681,8 +738,9 @@ def _pam_record(model: str, task_set: str, scale: str, threads: int, pam_folder:
 
 def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
              models: Sequence[str] | None = None, task_sets: Sequence[str] | None = None,
-             presence: bool = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
-    """MFIS against no merging and PAM on the ``pam`` suite's single-task networks; see the module docstring.
+             presence: bool | Sequence[str] = True, seeds: Sequence[int] = PRESENCE_SEEDS, **_) -> dict:
+    """MFIS against no merging and PAM on the ``pam`` suite's single-task networks, and on the presence testbeds
+    (``presence``: all, none, or those named) over ``seeds``; see the module docstring.
 
     With ``out``, the ``pam`` entries it compares with live in ``out/pam``; otherwise in ``benchmarks/results/pam``.
     """
@@ -700,28 +758,24 @@ def run_mfis(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool
                                               pam_folder), "pam": pam}
     summary = {"suite": "mfis", "scale": scale, "machine": machine(),
                "entries": {k: compare(v["mfis"], v["pam"]) for k, v in results.items()}}
-    if presence:
+    testbeds = _testbeds(presence)
+    for testbed in testbeds:
         runs = {}
-        for seed in seeds:
-            label = f"{PRESENCE}_s{seed}"
-            fingerprint, fn = _presence_entry(seed, scale, threads, pam_folder)
-            pam = _get(Entries(pam_folder, resume=True), label, fingerprint, fn, with_previous=True)
-            cfg = _presence_config(seed, scale, threads)
-            runs[f"s{seed}"] = {"mfis": _mfis_entry(entries, label, PRESENCE, "lenet", cfg, pam, scale, threads,
-                                                    folder, pam_folder), "pam": pam}
-        summary["entries"][PRESENCE] = mfis_presence_digest(runs)
-    plot_mfis({**{k: v for k, v in summary["entries"].items() if k != PRESENCE},
-               **{f"{PRESENCE}_{k}": v for k, v in summary["entries"].get(PRESENCE, {}).get("runs", {}).items()}},
+        for k, pam in _presence_runs(testbed, seeds, scale, threads, pam_folder, True).items():
+            cfg = _presence_config(pam["seed"], scale, threads, testbed)
+            runs[k] = {"mfis": _mfis_entry(entries, f"{testbed}_{k}", testbed, PRESENCE_TESTBEDS[testbed].model, cfg,
+                                           pam, scale, threads, folder, pam_folder), "pam": pam}
+        summary["entries"][testbed] = mfis_presence_digest(runs)
+    legacy = {k: v for k, v in summary["entries"].items() if k not in PRESENCE_TESTBEDS}
+    plot_mfis({**legacy, **{f"{t}_{k}": v for t in testbeds for k, v in summary["entries"][t]["runs"].items()}},
               folder / "mfis_vs_pam.png")
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_text(folder / "report.md", render_mfis(summary))
-    legacy = {k: v for k, v in summary["entries"].items() if k != PRESENCE}
     return {"suite": "mfis", "scale": scale, "runs": list(results),
             "no_merge_over_mfis": {k: {r["subset"]: r["no_merge_dense_over_mfis"] for r in v["table"]}
                                    for k, v in legacy.items()},
             "solver_seconds": {k: v["solver_seconds"] for k, v in legacy.items()},
-            **({PRESENCE: {k: v for k, v in summary["entries"][PRESENCE].items() if k != "runs"}}
-               if presence else {})}
+            **{t: {k: v for k, v in summary["entries"][t].items() if k != "runs"} for t in testbeds}}
 
 
 def _mfis_entry(entries: Entries, label: str, settings_key: str, model: str, cfg: Any, pam: Mapping[str, Any],
@@ -767,7 +821,7 @@ def _without_rescue(mcfg: MFISConfig) -> MFISConfig:
 
 
 def mfis_presence_digest(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``presence_lenet`` summary of the ``mfis`` suite from its per-seed ``{"mfis": entry, "pam": entry}``:
+    """A presence testbed's summary of the ``mfis`` suite from its per-seed ``{"mfis": entry, "pam": entry}``:
     MFIS within the budget in every seed, no merging / MFIS for all tasks (mean over seeds) and per single task
     (smallest), beside PAM's verdicts on the same networks (:func:`presence_digest`)."""
     compared = {k: compare(v["mfis"], v["pam"]) for k, v in runs.items()}
@@ -835,7 +889,7 @@ def render_mfis(summary: Mapping[str, Any]) -> str:
              "further, its accuracy is reported as it is. MACs per sample; latency of a batch of 16, one thread.",
              "", "![cost and accuracy](mfis_vs_pam.png)", ""]
     for label, e in summary["entries"].items():
-        lines += _render_mfis_presence(e) if label == PRESENCE else _render_mfis_entry(label, e)
+        lines += _render_mfis_presence(e, label) if label in PRESENCE_TESTBEDS else _render_mfis_entry(label, e)
     return "\n".join(lines)
 
 
@@ -868,8 +922,8 @@ def _render_mfis_entry(label: str, e: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _render_mfis_presence(e: Mapping[str, Any]) -> list[str]:
-    lines = [f"## {PRESENCE}: MFIS on the presence testbed, seeds {e['seeds']}", "",
+def _render_mfis_presence(e: Mapping[str, Any], label: str = PRESENCE) -> list[str]:
+    lines = [f"## {label}: MFIS on the presence testbed ({PRESENCE_TESTBEDS[label].title}), seeds {e['seeds']}", "",
              f"MFIS (the cheapest front point within the budget, filters aligned, fine-tuned) within the budget in "
              f"every seed: **{e['within_budget']}**; no merging (pruned at the budget) / MFIS for both tasks, mean "
              f"over seeds: **{e['no_merge_over_mfis_all_tasks']:.2f}×**, for a single task, smallest: "
@@ -877,7 +931,7 @@ def _render_mfis_presence(e: Mapping[str, Any]) -> list[str]:
              f"{e['no_merge_over_pam_all_tasks']:.2f}× and {e['no_merge_over_pam_single_task_min']:.2f}× (within the "
              f"budget: {e['pam_within_budget']}; exclusive neurons, fewest: {e['exclusive_neurons']}).", ""]
     for k, run in e["runs"].items():
-        lines += _render_mfis_entry(f"{PRESENCE} {k}", run)
+        lines += _render_mfis_entry(f"{label} {k}", run)
     return lines
 
 

@@ -17,6 +17,7 @@ from .cityscapes import load_cityscapes
 from .multidigits import MultiDigits
 from .nyuv2 import load_nyuv2, load_nyuv2_40
 from .presence import DigitPresence
+from .scene_presence import ScenePresence
 from .synthetic_scenes import load_synthetic_scenes
 
 
@@ -34,6 +35,11 @@ def load_presence(root: str | Path | None = None, split: str = "train", **kw: An
     return DigitPresence(split, **kw)
 
 
+def load_scene_presence(root: str | Path | None = None, split: str = "train", **kw: Any) -> ScenePresence:
+    """Read from (or generated into) the synthetic_scenes cache, or ``root``."""
+    return ScenePresence(root, split, **kw)
+
+
 DATASETS: dict[str, Callable[..., MultiTaskDataset]] = {
     "nyuv2": load_nyuv2,
     "nyuv2_40": load_nyuv2_40,
@@ -42,12 +48,14 @@ DATASETS: dict[str, Callable[..., MultiTaskDataset]] = {
     "synthetic_scenes": load_synthetic_scenes,
     "multidigits": load_multidigits,
     "presence": load_presence,
+    "scene_presence": load_scene_presence,
 }
 
 
 def _target(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The callable whose signature documents ``fn``'s keyword arguments (the class for thin wrappers)."""
-    return {load_celeba: CelebA, load_multidigits: MultiDigits, load_presence: DigitPresence}.get(fn, fn)
+    return {load_celeba: CelebA, load_multidigits: MultiDigits, load_presence: DigitPresence,
+            load_scene_presence: ScenePresence}.get(fn, fn)
 
 
 def load(name: str, root: str | Path | None = None, split: str = "train", **kw: Any) -> MultiTaskDataset:

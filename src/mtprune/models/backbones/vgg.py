@@ -81,12 +81,14 @@ def vgg16_cls(
     pool: str = "avg",
     input_size: int | None = None,
     fc_hidden: int = 4096,
+    batch_norm: bool = False,
 ) -> VGG16:
     """Classification VGG-16: 13 convs, 5 max-pools, a global pool or flatten, fc6-ReLU-fc7-ReLU.
 
-    Output ``[N, fc_hidden*width]``. ``pool="flatten"`` needs ``input_size`` (the square input side).
+    Output ``[N, fc_hidden*width]``. ``pool="flatten"`` needs ``input_size`` (the square input side);
+    ``batch_norm``: VGG-16-BN (a BatchNorm after every conv).
     """
-    layers, channels = _features(in_channels, width, lambda s: nn.MaxPool2d(2, stride=s), [(2, 1)] * 5)
+    layers, channels = _features(in_channels, width, lambda s: nn.MaxPool2d(2, stride=s), [(2, 1)] * 5, batch_norm)
     if pool in _GLOBAL_POOLS:
         layers["gpool"] = _GLOBAL_POOLS[pool]()
         flat = channels
