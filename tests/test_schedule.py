@@ -143,3 +143,19 @@ def test_resuming_a_schedule_with_other_settings_is_refused(scenes, tmp_path):
     iterative_prune(make(), X, tasks(), train, val, tmp_path / "t", target_macs=0.5, **it)
     with pytest.raises(MTPruneInputError, match="target_macs"):
         iterative_prune(make(), X, tasks(), train, val, tmp_path / "t", target_macs=0.3, resume=True, **it)
+
+
+def test_interleaved_records_every_step_recovered_after_an_interval_of_training(scenes, tmp_path):
+    train, val = scenes
+    model, records = interleaved_prune(make(), X, tasks(), train, val, tmp_path, criterion="l1", interval=2,
+                                       filters_per_step=6, max_steps=2, batch_size=6, device="cpu")
+    assert [r.extra.get("recovered_iteration") for r in records] == [None, 4, 6]  # the last step trains on too
+    assert all(set(r.extra["recovered"]) == set(NAMES) for r in records[1:])
+    assert records[2].extra["recovered"] != records[2].metrics  # trained on after the removal
+    from mtprune.engine.evaluate import evaluate
+
+    assert evaluate(model, val, tasks(), device="cpu", batch_size=6) == records[2].extra["recovered"]
+    resumed, again = interleaved_prune(make(), X, tasks(), train, val, tmp_path, criterion="l1", interval=2,
+                                       filters_per_step=6, max_steps=2, batch_size=6, device="cpu", resume=True)
+    assert again == records  # a finished schedule resumed: its records and its recovered model
+    assert evaluate(resumed, val, tasks(), device="cpu", batch_size=6) == records[2].extra["recovered"]

@@ -51,6 +51,7 @@ from .common import Entries, SuiteData, fingerprint, machine, results_dir, suite
 
 SUITE_VERSION = 3  # 2: interleaved schedule, VGG-16-BN, fresh scenes; 3: parameter budget per step, control
 DENSE_VERSION = 2  # the dense models did not change in version 3
+TRAJECTORY_VERSION = 2  # 2: every step measured recovered (after the interval of training that follows it)
 CRITERIA = ("taylor", "cosprune")
 CONTROL = "control"  # the dense model on the interleaved schedule, nothing removed (scores from taylor, unused)
 TASKS = ("seg", "depth", "normal")
@@ -153,9 +154,13 @@ def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume:
         batch_size=cfg.train.batch_size, min_channels=plan["min_channels"], seed=cfg.seed, device=cfg.device,
         rebuild=rebuild, resume=resume, exclude_parts=tuple(setup.tasks))  # heads lose input channels only
     per_epoch = math.ceil(len(setup.train_set) / cfg.train.batch_size)
-    steps = [{"step": r.step, "params": r.params, "macs": r.macs, "metrics": r.metrics,
-              "delta_m": delta_m(r.metrics, dense["metrics"], setup.tasks), "widths": r.widths,
-              "iteration": r.iteration or 0, "epochs": cfg.train.epochs + (r.iteration or 0) / per_epoch}
+    # each step as it is worth once training has gone on (interleaved_prune's recovered state: the interval after
+    # the removal), and right after the removal (``pruned_*``)
+    steps = [{"step": r.step, "params": r.params, "macs": r.macs, "metrics": r.extra.get("recovered", r.metrics),
+              "delta_m": delta_m(r.extra.get("recovered", r.metrics), dense["metrics"], setup.tasks),
+              "pruned_metrics": r.metrics, "pruned_delta_m": delta_m(r.metrics, dense["metrics"], setup.tasks),
+              "widths": r.widths, "iteration": r.extra.get("recovered_iteration", r.iteration or 0),
+              "epochs": cfg.train.epochs + r.extra.get("recovered_iteration", r.iteration or 0) / per_epoch}
              for r in records]
     return {"criterion": criterion, "seed": cfg.seed, "trajectory": steps, "seconds": time.perf_counter() - start}
 
@@ -181,7 +186,12 @@ def _scratch(setup: _Setup, criterion: str, point: dict, dense: dict, resume: bo
     out = setup.train(model, run_dir, _entry_dir(run_dir, key, resume))
     return {"criterion": criterion, "seed": setup.cfg.seed, "step": point["step"], **out,
             "delta_m": delta_m(out["metrics"], dense["metrics"], setup.tasks),
-            "iterative": {k: point[k] for k in ("params", "metrics", "delta_m", "epochs")}}
+            "iterative": _iterative(point)}
+
+
+def _iterative(point: dict) -> dict:
+    """What a scratch row compares with: its trajectory point (recovered metrics, epochs)."""
+    return {k: point[k] for k in ("params", "metrics", "delta_m", "epochs")}
 
 
 def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = False,
@@ -207,7 +217,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = Fa
             dense[seed] = _dense(setup, False)
         schedule = {k: v for k, v in plan.items() if k not in ("config", "seeds", "scratch_steps")}
         for crit in (*CRITERIA, CONTROL):
-            key = fingerprint(*base, schedule, crit)
+            key = fingerprint(*base, schedule, crit, TRAJECTORY_VERSION)
             traj = entries.get(f"s{seed}_{crit}",
                                lambda s=setup, c=crit, d=dense[seed], k=key: _interleaved(s, c, plan, d, resume, k),
                                key)
@@ -215,9 +225,10 @@ def run(scale: str = "cpu", out=None, threads: int | None = 1, resume: bool = Fa
             for point in traj["trajectory"] if crit != CONTROL else ():
                 if point["step"] in plan["scratch_steps"]:
                     key = fingerprint(*base, schedule, crit, point["widths"])
-                    scratch.append(entries.get(
-                        f"s{seed}_{crit}_scratch_{point['step']}",
-                        lambda s=setup, c=crit, p=point, d=dense[seed], k=key: _scratch(s, c, p, d, resume, k), key))
+                    fn = lambda s=setup, c=crit, p=point, d=dense[seed], k=key: _scratch(s, c, p, d, resume, k)  # noqa: E731
+                    row = entries.get(f"s{seed}_{crit}_scratch_{point['step']}", fn, key)
+                    # the architecture alone keys the scratch model; its comparison is the current trajectory's point
+                    scratch.append({**row, "iterative": _iterative(point)})
     result = {"suite": "garg2023", "scale": scale, "machine": machine(),
               "config": _config(scale, plan["seeds"][0]).model_dump(mode="json"),
               "plan": {k: v for k, v in plan.items() if k != "config"},
@@ -249,6 +260,7 @@ def _point_summary(points: list[dict], params0: float) -> dict:
             "params_kept": statistics.fmean(p["params"] for p in points) / params0,
             "epochs": statistics.fmean(p.get("epochs", 0.0) for p in points),
             "delta_m": _mean_std([p["delta_m"] for p in points]),
+            "pruned_delta_m": _mean_std([p.get("pruned_delta_m", p["delta_m"]) for p in points]),
             "metrics": {t: {m: _mean_std([p["metrics"][t][m] for p in points]) for m in points[0]["metrics"][t]}
                         for t in points[0]["metrics"]},
             "seeds": len(points)}
@@ -415,8 +427,11 @@ def markdown(r: dict) -> str:
         "the suite's entries).", "", setting, "",
         "## Verdicts", "", _verdict_a(r), "", _verdict_b(r), "",
         "## (a) Along the interleaved schedule", "",
+        "Each step after the interval of training that follows its removal (its best validation state; the last "
+        "removal gets one more interval), as the epochs column counts; the last column is the same step right after "
+        "the removal.", "",
         "| criterion | step | epochs | params (M) | kept | seg pixel acc % | seg mIoU % | depth abs err (m) | "
-        "normal mean ° | Δm % |", "|---|---|---|---|---|---|---|---|---|---|"]
+        "normal mean ° | Δm % | Δm % right after the removal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for crit, steps in r["summary"].items():
         for s in steps:
             mt = s["metrics"]
@@ -424,7 +439,7 @@ def markdown(r: dict) -> str:
                          f"{s['params_kept']:.3f} | "
                          f"{_pm(mt['seg']['pixel_acc'], n)} | {_pm(mt['seg']['miou'], n)} | "
                          f"{_pm(mt['depth']['abs_err'], n, '.3f')} | {_pm(mt['normal']['mean'], n)} | "
-                         f"{_pm(s['delta_m'], n)} |")
+                         f"{_pm(s['delta_m'], n)} | {_pm(s['pruned_delta_m'], n)} |")
     lines += ["", "![metric against parameters](a_metric_vs_params.png)", "",
               "## (b) The same architectures retrained from scratch", "",
               "| criterion | step | params (M) | epochs: pruned | scratch | seg pixel acc %: pruned | scratch | "

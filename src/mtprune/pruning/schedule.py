@@ -237,6 +237,10 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
                       exclude_parts: Iterable[str] = ()) -> tuple[nn.Module, list]:
     """Garg et al.'s interleaved schedule; stops after ``max_steps`` removals or once the target is met.
 
+    Each step's record holds the model right after its removal (``metrics``) and, in ``extra["recovered"]``, after
+    the next interval of training (its best validation state; the final step gets one more interval): the cost of
+    the removal once training has gone on, which is what a pruned model is worth.
+
     ``params_per_step``: remove, at each step, the lowest-ranked filters worth this fraction of the step-0
     parameters instead of a fixed number of filters, so that two criteria meet at equal parameter counts step by
     step (one filter of a wide late layer can weigh a hundred of an early one). ``filters_per_step=0`` without
@@ -262,10 +266,12 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
                 "filters_per_step": filters_per_step, "params_per_step": params_per_step, "max_steps": max_steps,
                 "target_macs": target_macs, "target_params": target_params, "lr": lr, "weight_decay": weight_decay,
                 "restart_epochs": restart_epochs, "batch_size": batch_size, "min_channels": min_channels,
-                "seed": seed, "exclude_parts": sorted(excluded)}
+                "seed": seed, "exclude_parts": sorted(excluded), "records": "removed, then recovered"}
     records = _read_state(run_dir, settings) if resume else []
     if records and records[-1].step > 0:
-        model = load_model(run_dir / "steps" / str(records[-1].step) / "model.mtp", base=rebuild())
+        last = run_dir / "steps" / str(records[-1].step)
+        recovered = last / "recovered.mtp"  # a finished schedule's final model, trained on after its last removal
+        model = load_model(recovered if recovered.is_file() else last / "model.mtp", base=rebuild())
     model.to(dev)
     x = example_inputs.to(dev)
     if not records:
@@ -281,9 +287,15 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         return (target_macs is not None and last.macs <= target_macs * m0) or (
             target_params is not None and last.params <= target_params * p0)
 
-    start = records[-1].iteration or 0
+    def finished() -> bool:
+        return records[-1].step >= max_steps or reached()
+
+    start = records[-1].iteration or 0  # a resumed step retrains its interval: the next removal needs its statistics
     stream = _batches(train_set, batch_size, seed, start)
-    while records[-1].step < max_steps and not reached():
+    # each interval trains the model left by the last removal; its best state is that step's recovered state (the
+    # removal's cost once training has gone on), then the next removal is decided; after the last removal one more
+    # interval trains, so every step is measured recovered
+    while not (finished() and (records[-1].step == 0 or "recovered" in records[-1].extra)):
         # the interval's random draws (augmentation, dropout) depend on (seed, step) only: resumable exactly
         seed_everything(seed * 1_000_003 + records[-1].step + 1)
         graph = PruningGraph(model, x)
@@ -309,6 +321,15 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
         start += interval
         if best_state is not None:
             model.load_state_dict(best_state)
+        if records[-1].step > 0:
+            records[-1].extra.update(
+                recovered=evaluate(model, val_set, tasks, device=device, batch_size=batch_size),
+                recovered_iteration=start)
+            if finished():
+                save_model(model, run_dir / "steps" / str(records[-1].step) / "recovered.mtp", example_inputs=x.cpu())
+            _write_state(run_dir, records, settings)
+            if finished():
+                break
         scores = criterion_scores(model, graph, crit, engine=engine)
         scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
         candidates = sum(g.channels for g in graph.groups if g.index in scores)
