@@ -151,19 +151,19 @@ def test_presence_entries_in_both_suites(suites):
     assert "The joint ladder alone" in text and "per-task walks" in text
 
 
-def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
-    """Changing how PAM is pruned (``prune.per_task``) reruns the PAM entry reusing its no merging and naive
-    results (and their training logs), and keeps the MFIS entry of the same networks."""
+def _rerun_changed(suites, monkeypatch, tmp_path, change, spied: str):
+    """A copy of the small suites' results rerun (MFIS over presence_lenet seed 0, which must not be recomputed)
+    after ``change(monkeypatch)``; returns the copy, the PAM entry before and after, and the ``spied`` keyword of
+    every ``run_merge`` call."""
     import shutil
 
     out, _ = suites
-    mfis = shutil.copytree(out, tmp_path / "mfis")
-    old = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
-    logs = sorted(p.relative_to(mfis) for p in (mfis / "pam" / "presence_lenet_s0" / "prune" / "no_merge").rglob("*"))
-    seen = []
+    copy = shutil.copytree(out, tmp_path / "mfis")
+    entry = copy / "pam" / "entries" / "presence_lenet_s0.json"
+    old, seen = json.loads(entry.read_text()), []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("reuse"))
+        seen.append(kwargs.get(spied))
         return run_merge(*args, **kwargs)
 
     def boom(*a, **k):
@@ -171,9 +171,18 @@ def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
 
     monkeypatch.setattr(M, "run_merge", spy)
     monkeypatch.setattr(M, "run_from_config", boom)
-    monkeypatch.setattr(M, "PRESENCE_PAM_LADDER", "joint")
-    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0], presence=[M.PRESENCE])
-    new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    change(monkeypatch)
+    M.run_mfis(scale="small", out=copy, threads=1, resume=True, models=[], seeds=[0], presence=[M.PRESENCE])
+    return copy, old, json.loads(entry.read_text()), seen
+
+
+def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
+    """Changing how PAM is pruned (``prune.per_task``) reruns the PAM entry reusing its no merging and naive
+    results (and their training logs), and keeps the MFIS entry of the same networks."""
+    no_merge = suites[0] / "pam" / "presence_lenet_s0" / "prune" / "no_merge"
+    logs = sorted(p.relative_to(suites[0]) for p in no_merge.rglob("*"))
+    mfis, old, new, seen = _rerun_changed(suites, monkeypatch, tmp_path,
+                                          lambda mp: mp.setattr(M, "PRESENCE_PAM_LADDER", "joint"), "reuse")
     assert len(seen) == 1 and seen[0] == old["summary"]  # recomputed once, from the old entry's no merging / naive
     assert new["fingerprint"] != old["fingerprint"] and new["base_fingerprint"] == old["base_fingerprint"]
     assert new["reused_from"] == old["fingerprint"] and new["summary"]["reused"] == ["no_merge", "naive"]
@@ -190,25 +199,8 @@ def test_new_pam_ladder_reruns_only_pam(suites, monkeypatch, tmp_path):
 def test_new_refine_reruns_no_merging_and_keeps_naive(suites, monkeypatch, tmp_path):
     """A changed ``prune.refine`` (which every walk takes) reruns PAM and no merging, reusing only naive merging's
     results, and keeps the MFIS entry of the same networks."""
-    import shutil
-
-    out, _ = suites
-    mfis = shutil.copytree(out, tmp_path / "mfis")
-    old = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
-    seen = []
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("reuse_only"))
-        return run_merge(*args, **kwargs)
-
-    def boom(*a, **k):
-        raise RuntimeError("MFIS recomputed")
-
-    monkeypatch.setattr(M, "run_merge", spy)
-    monkeypatch.setattr(M, "run_from_config", boom)
-    monkeypatch.setitem(M.PRESENCE_SCALE, "small", [*M.PRESENCE_SCALE["small"], "prune.refine=0"])
-    M.run_mfis(scale="small", out=mfis, threads=1, resume=True, models=[], seeds=[0], presence=[M.PRESENCE])
-    new = json.loads((mfis / "pam" / "entries" / "presence_lenet_s0.json").read_text())
+    change = lambda mp: mp.setitem(M.PRESENCE_SCALE, "small", [*M.PRESENCE_SCALE["small"], "prune.refine=0"])  # noqa: E731
+    _, old, new, seen = _rerun_changed(suites, monkeypatch, tmp_path, change, "reuse_only")
     assert seen == [["naive"]] and new["summary"]["reused"] == ["naive"]
     assert new["base_fingerprint"] == old["base_fingerprint"]
     assert new["no_merge_fingerprint"] != old["no_merge_fingerprint"] and new["naive_refine"] == old["naive_refine"]
