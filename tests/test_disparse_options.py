@@ -199,3 +199,17 @@ def test_the_suite_runs_the_released_variants_through_the_config():
     assert set(disparse2022.VARIANTS) <= set(disparse2022.METHODS)
     with pytest.raises(MTPruneInputError, match="scale"):
         disparse2022.run(scale="huge")
+
+
+def test_the_suite_reports_each_runs_watershed_layer():
+    from mtprune.bench import disparse2022
+
+    rows = [{"method": "disparse_static", "target": 0.9, "watershed": w} for w in ("layer4.conv1", "layer4.conv1",
+                                                                                     "layer3.conv2")]
+    rows += [{"method": "snip", "target": 0.9, "watershed": None},
+             {"method": "disparse_dynamic", "target": 0.5, "watershed": "layer4.conv1"}]
+    text = disparse2022._watersheds(rows)
+    assert text[0] == "- Most frequent: `layer4.conv1` in 3 of 4 DiSparse runs."
+    assert "- disparse_static 90%: `layer4.conv1` (2 of 3 seeds), `layer3.conv2` (1 of 3 seeds)" in text
+    assert not any("snip" in line for line in text)
+    assert disparse2022._watersheds(rows[3:4])[0].startswith("- No run recorded")

@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -123,7 +124,8 @@ def run_all(base: Path, out: Path, methods: list[str], sparsities: list[float], 
                              "bitmask_bytes": summary["sparsity"]["storage"]["bitmask_bytes"],
                              "dense_bytes": summary["sparsity"]["storage"]["dense_bytes"],
                              "wall_s": summary.get("wall_s")})
-    result = {"command": f"python -m mtprune.bench.{SUITE} " + " ".join(sys.argv[1:]),
+    via_cli = Path(sys.argv[0]).name == "mtprune"
+    result = {"command": " ".join(["mtprune" if via_cli else f"python -m mtprune.bench.{SUITE}", *sys.argv[1:]]),
               "settings": SETTINGS + extra, "finetune": finetune, "variants": VARIANTS, "seeds": seeds, "rows": rows}
     atomic_write_json(out / "results.json", result)
     write_results(out, result)
@@ -156,6 +158,25 @@ def _comparisons(rows: list[dict]) -> list[str]:
             verdict = "holds" if a >= b else "does not hold"
             out.append(f"- {target:.0%}: {ours} Δm {a:+.2f} vs {theirs} {b:+.2f}: {verdict} on the mean; "
                        f"{ours} ≥ {theirs} in {wins} of {len(pairs)} seeds.")
+    return out
+
+
+def _watersheds(rows: list[dict]) -> list[str]:
+    """Per DiSparse method and target, the watershed layers of its seeds (the layer after the largest drop of the
+    tasks' mask agreement, ``sparsity.analysis.watershed``), the most frequent first."""
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("watershed"):
+            groups.setdefault((r["method"], r["target"]), []).append(r["watershed"])
+    if not groups:
+        return ["- No run recorded per-task masks (only the DiSparse methods do)."]
+    every = Counter(layer for layers in groups.values() for layer in layers)
+    (top, n), total = every.most_common(1)[0], sum(every.values())
+    out = [f"- Most frequent: `{top}` in {n} of {total} DiSparse runs."]
+    for (method, target), layers in sorted(groups.items()):
+        counts = Counter(layers).most_common()
+        out.append(f"- {method} {target:.0%}: " + ", ".join(f"`{layer}` ({k} of {len(layers)} seeds)"
+                                                           for layer, k in counts))
     return out
 
 
@@ -202,7 +223,9 @@ def write_results(out: Path, result: dict) -> None:
             + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in result.get("variants", {}).items()) + ".", "",
             "\n".join(lines), "",
             "## The paper's direction (Sun et al. 2022: DiSparse ≥ its single-ranking counterpart)", "",
-            *_comparisons(rows), "", "## Storage and speed", "", *_speed(rows), ""]
+            *_comparisons(rows), "",
+            "## The watershed layer (Sun et al. 2022: the tasks' masks agree up to a layer, then diverge)", "",
+            *_watersheds(rows), "", "## Storage and speed", "", *_speed(rows), ""]
     atomic_write_text(out / "results.md", "\n".join(text))
     from ..report.plots import _save, plt
 
