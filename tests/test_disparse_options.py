@@ -213,3 +213,17 @@ def test_the_suite_reports_each_runs_watershed_layer():
     assert "- disparse_static 90%: `layer4.conv1` (2 of 3 seeds), `layer3.conv2` (1 of 3 seeds)" in text
     assert not any("snip" in line for line in text)
     assert disparse2022._watersheds(rows[3:4])[0].startswith("- No run recorded")
+
+
+def test_a_run_directory_of_other_settings_is_stale(tmp_path):
+    """The suite skips finished run directories; one made with other overrides must be rerun, not reported."""
+    import json
+
+    from mtprune.bench import disparse2022
+
+    run = tmp_path / "snip_90_seed0"
+    run.mkdir()
+    assert not disparse2022._stale(run, ["seed=0"])  # no record (made before it existed): taken as it is
+    (run / "overrides.json").write_text(json.dumps(["seed=0", "sparsify.sparsity=0.9"]))
+    assert not disparse2022._stale(run, ["seed=0", "sparsify.sparsity=0.9"])
+    assert disparse2022._stale(run, ["seed=0", "sparsify.sparsity=0.9", "train.epochs=30"])

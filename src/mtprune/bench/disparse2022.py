@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -102,12 +103,15 @@ def run_all(base: Path, out: Path, methods: list[str], sparsities: list[float], 
             for s in sparsities:
                 name = f"{method}_{int(round(s * 100))}_seed{seed}"
                 run_dir = out / "runs" / name
+                overrides = [*common, *method_overrides(method), f"sparsify.sparsity={s}",
+                             f"sparsify.start={dense_mtp}", f"name={name}"]
+                if method in FROM_DENSE:
+                    overrides.append(finetune)
+                if _stale(run_dir, overrides):  # another setting's run: never reported as this one
+                    shutil.rmtree(run_dir)
                 if not (run_dir / "summary.json").is_file():
-                    overrides = [*common, *method_overrides(method), f"sparsify.sparsity={s}",
-                                 f"sparsify.start={dense_mtp}", f"name={name}"]
-                    if method in FROM_DENSE:
-                        overrides.append(finetune)
                     run_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(run_dir / "overrides.json", overrides)
                     start = time.perf_counter()
                     summary = run_sparsify(_config(base, overrides), run_dir, quiet=quiet)
                     summary["wall_s"] = time.perf_counter() - start
@@ -130,6 +134,13 @@ def run_all(base: Path, out: Path, methods: list[str], sparsities: list[float], 
     atomic_write_json(out / "results.json", result)
     write_results(out, result)
     return result
+
+
+def _stale(run_dir: Path, overrides: list[str]) -> bool:
+    """A run directory made with other overrides (recorded in ``overrides.json``; directories from before the
+    record existed are taken as they are)."""
+    path = run_dir / "overrides.json"
+    return path.is_file() and json.loads(path.read_text()) != overrides
 
 
 def _stat(values: list[float]) -> str:
