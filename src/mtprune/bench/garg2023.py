@@ -480,13 +480,18 @@ def _panels(ref: dict[str, float], title: str):
 
 
 def _x_ticks(axes, xs: list[float]) -> None:
-    """Readable ticks on a log axis of any span: 1-2-5 steps, or the data's own values on a narrow span."""
+    """Readable ticks on a log axis of any span: 1-2-5 steps, finer round steps on a shorter span, or the data's
+    own values (at least 15 % apart, so labels never overlap) on a narrow one."""
     lo, hi = min(xs), max(xs)
-    ticks = [m * 10.0**k for k in range(-3, 4) for m in (1, 2, 5) if lo / 1.05 <= m * 10.0**k <= hi * 1.05]
+    ticks: list[float] = []
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+        ticks = [m * 10.0**k for k in range(-3, 4) for m in mantissas if lo / 1.05 <= m * 10.0**k <= hi * 1.05]
+        if len(ticks) >= 3:
+            break
     if len(ticks) < 3:
         ticks = []
         for x in sorted(xs):
-            if not ticks or x / ticks[-1] > 1.02:
+            if not ticks or x / ticks[-1] > 1.15:
                 ticks.append(x)
     for ax in axes:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
