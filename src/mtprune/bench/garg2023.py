@@ -156,12 +156,13 @@ def _interleaved(setup: _Setup, criterion: str, plan: dict, dense: dict, resume:
     per_epoch = math.ceil(len(setup.train_set) / cfg.train.batch_size)
     # each step as it is worth once training has gone on (interleaved_prune's recovered state: the interval after
     # the removal), and right after the removal (``pruned_*``)
-    steps = [{"step": r.step, "params": r.params, "macs": r.macs, "metrics": r.extra.get("recovered", r.metrics),
-              "delta_m": delta_m(r.extra.get("recovered", r.metrics), dense["metrics"], setup.tasks),
-              "pruned_metrics": r.metrics, "pruned_delta_m": delta_m(r.metrics, dense["metrics"], setup.tasks),
-              "widths": r.widths, "iteration": r.extra.get("recovered_iteration", r.iteration or 0),
-              "epochs": cfg.train.epochs + r.extra.get("recovered_iteration", r.iteration or 0) / per_epoch}
-             for r in records]
+    steps = []
+    for r in records:
+        metrics, iteration = r.extra.get("recovered", r.metrics), r.extra.get("recovered_iteration", r.iteration or 0)
+        steps.append({"step": r.step, "params": r.params, "macs": r.macs, "metrics": metrics,
+                      "delta_m": delta_m(metrics, dense["metrics"], setup.tasks), "pruned_metrics": r.metrics,
+                      "pruned_delta_m": delta_m(r.metrics, dense["metrics"], setup.tasks), "widths": r.widths,
+                      "iteration": iteration, "epochs": cfg.train.epochs + iteration / per_epoch})
     return {"criterion": criterion, "seed": cfg.seed, "trajectory": steps, "seconds": time.perf_counter() - start}
 
 
@@ -413,7 +414,8 @@ def markdown(r: dict) -> str:
         f"{plan['lr']}, weight decay {plan['weight_decay']}, cosine restarted every {plan['restart_epochs']} epochs) "
         f"and every {plan['interval']} iterations ({per_step:g} epochs) the lowest-scoring filters worth "
         f"{plan['params_per_step']:.0%} of the dense parameters are removed (equal parameters for both criteria at "
-        f"every step), {plan['steps']} times; the model at step k has had {epochs} + k × {per_step:g} epochs. "
+        f"every step), {plan['steps']} times; the model at step k ≥ 1 has had {epochs} + (k + 1) × {per_step:g} "
+        "epochs (the interval after its removal included). "
         "Control: the dense model trained on the same schedule, nothing removed. Retraining from scratch: the "
         "recorded widths of steps "
         f"{', '.join(map(str, plan['scratch_steps']))}, re-initialised at random with the dense model's scheme (He "

@@ -77,23 +77,25 @@ MFIS_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {m: {"pop_size": 8, "generations": 2, "batch": 48, "finetune": {"epochs": 1, "batch_size": 64}}
               for m in MODELS},
 }
-# the presence testbed: the cheapest front point within the accuracy budget, not the knee (issue 16), fine-tuned
-# with PAM's retraining schedule on the same networks (configs/merge_pam_presence.yaml: 12 epochs, lr 0.002); when
-# no point tried is within the budget, the nearest miss is fine-tuned 12 epochs more (rescue_epochs; ours)
-MFIS_SETTINGS["cpu"]["presence_lenet"] = {
-    "pop_size": 100, "generations": 150, "select": "budget",
-    "budget": {"accuracy_drop": 2.0, "candidates": 5, "rescue_epochs": 12},
-    "finetune": {"epochs": 12, "batch_size": 64, "lr": 0.002, "scheduler": "cosine"}}
-MFIS_SETTINGS["small"]["presence_lenet"] = {**MFIS_SETTINGS["small"]["lenet"], "select": "budget",
-                                            "budget": {"accuracy_drop": 100.0, "candidates": 2}}
-# the VGG presence testbed: the same selection, fine-tuned with its PAM retraining schedule
-# (configs/merge_pam_presence_vgg.yaml: 6 epochs, batch 32, lr 0.0005)
-MFIS_SETTINGS["cpu"]["presence_vgg"] = {
-    "pop_size": 100, "generations": 150, "select": "budget",
-    "budget": {"accuracy_drop": 2.0, "candidates": 5, "rescue_epochs": 6},
-    "finetune": {"epochs": 6, "batch_size": 32, "lr": 0.0005, "scheduler": "cosine"}}
-MFIS_SETTINGS["small"]["presence_vgg"] = {**MFIS_SETTINGS["small"]["vgg"], "select": "budget",
-                                          "budget": {"accuracy_drop": 100.0, "candidates": 2}}
+
+
+def _presence_mfis(epochs: int, batch_size: int, lr: float) -> dict[str, Any]:
+    """MFIS on a presence testbed: the cheapest front point within the accuracy budget, not the knee (issue 16),
+    fine-tuned with the testbed's PAM retraining schedule on the same networks; when no point tried is within the
+    budget, the nearest miss is fine-tuned as many epochs more (rescue_epochs; ours)."""
+    return {"pop_size": 100, "generations": 150, "select": "budget",
+            "budget": {"accuracy_drop": 2.0, "candidates": 5, "rescue_epochs": epochs},
+            "finetune": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "scheduler": "cosine"}}
+
+
+# testbed → its model's MFIS defaults and its PAM retraining schedule (configs/merge_pam_presence*.yaml)
+for _testbed, _model, _schedule in (("presence_lenet", "lenet", (12, 64, 0.002)),
+                                    ("presence_vgg", "vgg", (6, 32, 0.0005))):
+    MFIS_SETTINGS["cpu"][_testbed] = _presence_mfis(*_schedule)
+    MFIS_SETTINGS["small"][_testbed] = {**MFIS_SETTINGS["small"][_model], "select": "budget",
+                                        "budget": {"accuracy_drop": 100.0, "candidates": 2}}
+
+
 APPROACH_LABELS = {"no_merge": "no merging", "naive": "naive merging", "pam": "PAM"}
 # PAM's grouping under other KDE noise variances and thresholds α (conv, linear), on the same networks: the
 # paper's setting, α = 0 (only neurons constant on the batch are irrelevant), larger noise, larger α

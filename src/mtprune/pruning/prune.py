@@ -152,8 +152,9 @@ def _checked_images(data: Iterable) -> Iterable:
 
 def criterion_scores(model: nn.Module, graph: PruningGraph, criterion: Criterion, *, data: Iterable | None = None,
                      losses: Mapping | None = None, batches: int | None = None,
-                     engine: StatisticsEngine | None = None) -> dict[int, Tensor]:
-    """Per-group scores of the candidate groups. Gradient criteria need ``data`` and ``losses``."""
+                     engine: StatisticsEngine | None = None, exclude_parts: Iterable[str] = ()) -> dict[int, Tensor]:
+    """Per-group scores of the candidate groups, none of ``exclude_parts`` (``ChannelGroup.part``, e.g. the task
+    heads for a backbone-only pool). Gradient criteria need ``data`` and ``losses``."""
     if criterion.needs_data:
         if engine is None:
             engine = gather_statistics(model, graph, criterion, data, losses, batches)
@@ -161,8 +162,9 @@ def criterion_scores(model: nn.Module, graph: PruningGraph, criterion: Criterion
         scores = criterion.finalize(raw)
     else:
         scores = {s.group.index: criterion.score(s) for s in static_stats(model, graph)}
+    excluded = set(exclude_parts)
     return {k: v.detach().float().cpu() for k, v in scores.items()
-            if v is not None and criterion.applies_to(graph.groups[k])}
+            if v is not None and criterion.applies_to(graph.groups[k]) and graph.groups[k].part not in excluded}
 
 
 def _plan_by_root(graph: PruningGraph, plan: Plan) -> dict[str, list[int]]:

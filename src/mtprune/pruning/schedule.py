@@ -39,10 +39,11 @@ from ..utils.inputs import input_spec
 from ..utils.runtime import seed_everything
 from .allocate import plan_removal
 from .attention import head_layout
+from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph, apply_widths
 from .latency import model_latency
-from .prune import as_losses, count, criterion_scores, prune
+from .prune import as_losses, count, criterion_scores, prune, search_fraction
 from .stats import StatisticsEngine
 
 
@@ -248,8 +249,6 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
     ``exclude_parts``: parts (``ChannelGroup.part``, e.g. the task names of the heads) whose filters are never
     removed; with every head excluded only backbone filters are candidates, as in Garg et al."""
     from ..utils.runtime import resolve_device
-    from .cost import CostModel
-    from .prune import search_fraction
 
     if params_per_step is not None and not 0 < params_per_step < 1:
         raise MTPruneInputError(f"params_per_step must be a fraction in (0, 1), got {params_per_step!r}")
@@ -325,13 +324,13 @@ def interleaved_prune(model: nn.Module, example_inputs: Tensor, tasks: Mapping[s
             records[-1].extra.update(
                 recovered=evaluate(model, val_set, tasks, device=device, batch_size=batch_size),
                 recovered_iteration=start)
-            if finished():
+            done = finished()
+            if done:
                 save_model(model, run_dir / "steps" / str(records[-1].step) / "recovered.mtp", example_inputs=x.cpu())
             _write_state(run_dir, records, settings)
-            if finished():
+            if done:
                 break
-        scores = criterion_scores(model, graph, crit, engine=engine)
-        scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
+        scores = criterion_scores(model, graph, crit, engine=engine, exclude_parts=excluded)
         candidates = sum(g.channels for g in graph.groups if g.index in scores)
         plan_kw = {"normalize": crit.normalize, "min_channels": min_channels}
         if params_per_step:

@@ -205,8 +205,7 @@ def _one_round(model: nn.Module, example_inputs: Tensor, graph: PruningGraph, cr
     params_before, macs_before = count(model, example_inputs)
     with eval_mode(model):
         scores = criterion_scores(model, graph, crit, data=data, losses=losses, batches=stats_batches,
-                                  engine=engine)
-        scores = {k: v for k, v in scores.items() if graph.groups[k].part not in excluded}
+                                  engine=engine, exclude_parts=excluded)
         # the round's cost: MACs, or with a latency target (goal in ms) the predicted latency
         macs = MacsModel(model, example_inputs) if latency is None else LatencyCost(model, example_inputs, graph,
                                                                                    latency)
