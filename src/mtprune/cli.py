@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gather", action="store_true",
                        help="run nothing: write the tables from the entries finished so far (criteria)")
     bench.add_argument("--seeds", type=seed_list, default=None,
-                       help="run only these seeds, comma-separated (suites with seeds: criteria, garg2023, "
+                       help="run only these seeds, comma-separated (suites with seeds: criteria, garg2023, pam, mfis, "
                             "disparse2022); processes with disjoint seeds may share one results folder, and a "
                             "final --resume run without --seeds writes the combined tables")
     bench.add_argument("--pools", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
