@@ -10,7 +10,7 @@ import torch
 
 from helpers import nyu_batches, zoo_model
 from mtprune.bench import run_suite
-from mtprune.bench.speed import MEMORY_MODES, SCALES, SPARSITIES, can_reset_peak, ceiling
+from mtprune.bench.speed import MEMORY_MODES, SCALES, SPARSITIES, can_reset_peak, ceiling, dense_efficiency_fidelity
 from mtprune.bench.speed_compare import COMPARE, HW_VARIANTS
 from mtprune.pruning.criteria import Criterion
 from mtprune.pruning.graph import PruningGraph
@@ -126,8 +126,13 @@ def test_latency_floor_and_fidelity_ceiling(small):
         assert f["floor_ratio"] > 0 and f["max_speedup"] == pytest.approx(1 / f["floor_ratio"])
         assert 0 < f["macs_kept"] < 0.1  # (almost) everything prunable is gone
     assert ceiling(0.2, 0.1) == pytest.approx(0.5) and ceiling(0.05, 0.1) == 1.0  # capped at 1
+    # compute above the floor at the dense cost per MAC: latency 0.1 + (0.5 - 0) x 0.9 = 0.55 at half the MACs
+    assert dense_efficiency_fidelity(0.1, 0.0, 0.5) == pytest.approx(0.5 / 0.55)
+    assert dense_efficiency_fidelity(0.0, 0.0, 0.3) == pytest.approx(1.0)  # no floor: linear, fidelity 1
+    assert dense_efficiency_fidelity(0.2, 0.01, 0.01) == pytest.approx(0.05)  # at the floor: the floor's
+    assert dense_efficiency_fidelity(0.1, 0.0, 0.25) < ceiling(0.1, 0.25)  # never above the hard ceiling
     md = (out / "speed_small.md").read_text()
-    assert "## Latency floor and fidelity ceiling" in md
+    assert "## Latency floor and fidelity ceiling" in md and "at dense efficiency" in md
     assert md.count("| MobileNetV2 + DeepLab-v3 ASPP | ") >= 1 + len(COMPARE["small"].targets)
 
 

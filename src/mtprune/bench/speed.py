@@ -213,6 +213,23 @@ def ceiling(floor_ratio: float, macs_kept: float) -> float:
     return min(1.0, macs_kept / floor_ratio)
 
 
+def dense_efficiency_fidelity(floor_ratio: float, floor_macs: float, macs_kept: float) -> float:
+    """The fidelity of a model keeping ``macs_kept`` if its compute above the floor (latency ``floor_ratio``, MACs
+    ``floor_macs``, both relative to dense) costs per MAC what the dense model's compute above that floor costs:
+    latency ratio f + (t - m_f) / (1 - m_f) × (1 - f). Not a hard bound (thin layers that fit a cache better can
+    beat it); a fidelity aim above it asks thin layers to run faster per MAC than the dense ones do."""
+    share = max(macs_kept - floor_macs, 0.0) / (1.0 - floor_macs)
+    return min(1.0, macs_kept / (floor_ratio + share * (1.0 - floor_ratio)))
+
+
+def _best_macs_variant(side_row: dict) -> tuple[str, float]:
+    """The fastest mtprune model at MACs t in a side-by-side row (the plain ranking, or the hardware widths)."""
+    hw = side_row.get("hardware", {})
+    found = [("mtprune_macs", side_row["mtprune_macs"]["fidelity"])]
+    found += [(k, hw[k]["fidelity"]) for k in ("mtprune_macs_hw", "mtprune_macs_hw_ties") if k in hw]
+    return max(found, key=lambda kv: kv[1])
+
+
 # ----------------------------------------------------------------------------------- 2. stored size of sparsity
 def _tensor_bytes(module: nn.Module) -> int:
     """Bytes of a module's state tensors; a sparse CSR tensor counts its values and both index arrays."""
@@ -569,20 +586,28 @@ def _ceiling_markdown(floors: list[dict], side: list[dict], latency: list[dict])
     lines = ["", "## Latency floor and fidelity ceiling", "",
              "Floor: every prunable layer at its minimum width, timed alongside the dense model (median per-round "
              "ratio). At MACs t no allocation's speed-up exceeds dense / floor, so fidelity ≤ ceiling = min(1, t × "
-             "dense / floor). Measured fidelity from the side-by-side rows (section 1 where a model has none); "
-             "the last column is mtprune's share of the ceiling.", "",
-             "| model | floor (latency, MACs kept) | max speed-up | MACs target | ceiling | mtprune | Torch-Pruning "
-             "| mtprune / ceiling |", "|---|---|---|---|---|---|---|---|"]
+             "dense / floor). *At dense efficiency*: the fidelity if the compute kept above the floor cost per MAC "
+             "what the dense model's does (latency f + (t − m_f) / (1 − m_f) × (1 − f) for a floor of latency f and "
+             "MACs m_f); an aim above it needs thin layers to run faster per MAC than wide ones. Measured fidelity "
+             "from the side-by-side rows (section 1 where a model has none): `mtprune_macs`, and the best of it and "
+             "its hardware-width variants at the same MACs; the last column is that best one's share of the "
+             "dense-efficiency figure.", "",
+             "| model | floor (latency, MACs kept) | max speed-up | MACs target | ceiling | at dense efficiency | "
+             "mtprune | best mtprune at MACs t | Torch-Pruning | best / dense efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f in floors:
         targets = [s for s in side if s["model"] == f["model"]]
         if targets:
-            pts = [(s["target"], s["mtprune_macs"], s["torch_pruning"]) for s in targets]
-            measured = [(t, m["fidelity"], m["macs_kept"], tp["fidelity"]) for t, m, tp in pts]
+            measured = [(s["target"], s["mtprune_macs"]["fidelity"], s["mtprune_macs"]["macs_kept"],
+                         _best_macs_variant(s), s["torch_pruning"]["fidelity"]) for s in targets]
         else:
-            measured = [(r["target_macs"], r["speedup_over_macs_reduction"], r["macs_ratio"], None)
-                        for r in latency if r["model"] == f["model"]]
-        for t, fid, kept, tp in measured:
+            measured = [(r["target_macs"], r["speedup_over_macs_reduction"], r["macs_ratio"],
+                         ("mtprune_macs", r["speedup_over_macs_reduction"]), None) for r in latency
+                        if r["model"] == f["model"]]
+        for t, fid, kept, (best_name, best), tp in measured:
             c = ceiling(f["floor_ratio"], kept)
+            e = dense_efficiency_fidelity(f["floor_ratio"], f["macs_kept"], kept)
             lines.append(f"| {f['model']} | {f['floor_ratio']:.3f}, {f['macs_kept']:.4f} | {f['max_speedup']:.1f}× | "
-                         f"{t} | {c:.2f} | {fid:.2f} | {'' if tp is None else f'{tp:.2f}'} | {fid / c:.2f} |")
+                         f"{t} | {c:.2f} | {e:.2f} | {fid:.2f} | {best:.2f} (`{best_name}`) | "
+                         f"{'' if tp is None else f'{tp:.2f}'} | {best / e:.2f} |")
     return lines
