@@ -215,6 +215,22 @@ def test_the_suite_reports_each_runs_watershed_layer():
     assert disparse2022._watersheds(rows[3:4])[0].startswith("- No run recorded")
 
 
+def test_the_suite_recomputes_watersheds_and_reports_the_agreement_span():
+    """A run's watershed comes from its recorded agreement (not a stale stored name), and each method's line
+    gives the mean agreement of the first and the last shared layer over its seeds."""
+    from mtprune.bench import disparse2022
+
+    agreement = {"c1": 0.98, "c2": 0.90, "c3": 0.55, "down": 0.92, "c4": 0.50}
+    assert disparse2022._watershed_of({"agreement": agreement, "watershed": "c4"}) == "c3"
+    assert disparse2022._watershed_of({"watershed": "old"}) == "old"  # nothing to recompute from
+    rows = [{"method": "disparse_static", "target": 0.7, "watershed": "c3", "agreement": agreement},
+            {"method": "disparse_static", "target": 0.7, "watershed": "c3",
+             "agreement": {**agreement, "c1": 0.96, "c4": 0.30}}]
+    text = disparse2022._watersheds(rows)
+    assert "- disparse_static 70%: `c3` (2 of 2 seeds); agreement 0.97 at the first shared layer, 0.40 at the last" \
+        in text
+
+
 def test_a_run_directory_of_other_settings_is_stale(tmp_path):
     """The suite skips finished run directories; one made with other overrides must be rerun, not reported."""
     import json

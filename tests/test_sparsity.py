@@ -344,6 +344,15 @@ def test_mean_pairwise_iou_for_three_tasks_by_hand() -> None:
     assert watershed(got) == "l2"
 
 
+def test_watershed_follows_the_running_minimum_past_a_shortcut_layer() -> None:
+    """ResNet order puts the shortcut projection (high agreement) between two main-path layers: the step from it
+    to the next layer is no drop of the path; the path's own largest fall is."""
+    agreement = {"c1": 0.98, "c2": 0.90, "c3": 0.55, "down": 0.92, "c4": 0.50, "c5": 0.45}
+    assert watershed(agreement) == "c3"  # 0.90 -> 0.55; not "c4" (0.92 -> 0.50 follows the shortcut)
+    assert watershed({"a": 0.5, "b": 0.6, "c": 0.7}) is None  # never falls
+    assert watershed({"a": 0.9, "b": 0.9}) is None and watershed({}) is None
+
+
 def test_static_result_reports_agreement_storage_and_parts() -> None:
     model = tiny()
     result = sparsify(model, X, "disparse_static", 0.9, data=DATA, losses=LOSSES, batches=1)

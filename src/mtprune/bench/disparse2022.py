@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from ..config import apply_overrides, parse_config
+from ..sparsity.analysis import watershed
 from ..sparsity.run import run_sparsify
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
@@ -122,7 +123,8 @@ def run_all(base: Path, out: Path, methods: list[str], sparsities: list[float], 
                              "sparsity": summary["sparsity"]["sparsity"], "metrics": sparse_row["metrics"],
                              "dense": dense_row["metrics"], "delta_m": sparse_row["delta_m"],
                              "keep_ratio": summary["sparsity"].get("keep_ratio"),
-                             "watershed": summary["sparsity"].get("watershed"),
+                             "agreement": summary["sparsity"].get("agreement"),
+                             "watershed": _watershed_of(summary["sparsity"]),
                              "latency_masked_ms": summary["latency"]["masked_ms"],
                              "latency_baked_ms": summary["latency"]["dense_ms"],
                              "bitmask_bytes": summary["sparsity"]["storage"]["bitmask_bytes"],
@@ -172,13 +174,25 @@ def _comparisons(rows: list[dict]) -> list[str]:
     return out
 
 
+def _watershed_of(sparsity: dict) -> str | None:
+    """A run's watershed layer, recomputed from its recorded agreement with the current definition (runs made
+    before a change of ``sparsity.analysis.watershed`` keep their masks' agreement, not a stale layer name)."""
+    agreement = sparsity.get("agreement")
+    return watershed(agreement) if agreement else sparsity.get("watershed")
+
+
 def _watersheds(rows: list[dict]) -> list[str]:
-    """Per DiSparse method and target, the watershed layers of its seeds (the layer after the largest drop of the
-    tasks' mask agreement, ``sparsity.analysis.watershed``), the most frequent first."""
+    """Per DiSparse method and target, the watershed layers of its seeds (where the tasks' mask agreement falls
+    most, ``sparsity.analysis.watershed``), the most frequent first, and the mean agreement of the first and the
+    last shared layer."""
     groups: dict[tuple, list[str]] = {}
+    ends: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("watershed"):
             groups.setdefault((r["method"], r["target"]), []).append(r["watershed"])
+        if r.get("agreement"):
+            values = list(r["agreement"].values())
+            ends.setdefault((r["method"], r["target"]), []).append((values[0], values[-1]))
     if not groups:
         return ["- No run recorded per-task masks (only the DiSparse methods do)."]
     every = Counter(layer for layers in groups.values() for layer in layers)
@@ -186,8 +200,11 @@ def _watersheds(rows: list[dict]) -> list[str]:
     out = [f"- Most frequent: `{top}` in {n} of {total} DiSparse runs."]
     for (method, target), layers in sorted(groups.items()):
         counts = Counter(layers).most_common()
+        pairs = ends.get((method, target))
+        span = (f"; agreement {statistics.fmean(a for a, _ in pairs):.2f} at the first shared layer, "
+                f"{statistics.fmean(b for _, b in pairs):.2f} at the last" if pairs else "")
         out.append(f"- {method} {target:.0%}: " + ", ".join(f"`{layer}` ({k} of {len(layers)} seeds)"
-                                                           for layer, k in counts))
+                                                           for layer, k in counts) + span)
     return out
 
 

@@ -38,11 +38,16 @@ def mean_pairwise_iou(task_masks: Mapping[str, Mapping[str, Tensor]]) -> dict[st
 
 
 def watershed(agreement: Mapping[str, float]) -> str | None:
-    """The layer right after the largest drop of agreement between consecutive layers (None if it never drops)."""
-    names, values = list(agreement), list(agreement.values())
-    drops = [(values[i] - values[i + 1], names[i + 1]) for i in range(len(values) - 1)]
-    best = max(drops, default=(0.0, None))
-    return best[1] if best[0] > 0 else None
+    """The layer where the tasks' agreement (in layer order) falls most: the largest step down of its running
+    minimum, so that a layer agreeing more than an earlier one (a shortcut projection running beside the main
+    path, such as ResNet's ``downsample``) cannot fake a drop right after itself. None if it never falls."""
+    names, lowest, best = list(agreement), float("inf"), (0.0, None)
+    for name in names:
+        value = agreement[name]
+        if lowest - value > best[0] and lowest != float("inf"):
+            best = (lowest - value, name)
+        lowest = min(lowest, value)
+    return best[1]
 
 
 def sparsity_report(masks: Mapping[str, Tensor], parts: Mapping[str, str]) -> tuple[list[dict], dict[str, dict]]:
