@@ -227,8 +227,11 @@ def test_the_suite_recomputes_watersheds_and_reports_the_agreement_span():
             {"method": "disparse_static", "target": 0.7, "watershed": "c3",
              "agreement": {**agreement, "c1": 0.96, "c4": 0.30}}]
     text = disparse2022._watersheds(rows)
-    assert "- disparse_static 70%: `c3` (2 of 2 seeds); agreement 0.97 at the first shared layer, 0.40 at the last" \
-        in text
+    # falls: 0.98 -> 0.50 with steps 0.08, 0.35, 0.05 (share 0.35/0.48); 0.96 -> 0.30: 0.06, 0.35, 0.25 (0.35/0.66)
+    share = (0.35 / 0.48 + 0.35 / 0.66) / 2
+    assert (f"- disparse_static 70%: `c3` (2 of 2 seeds); agreement 0.97 at the first shared layer, 0.40 at the "
+            f"last; the watershed's step is {share:.0%} of the whole fall") in text
+    assert disparse2022._fall_share([0.9, 0.9, 0.95]) == 0.0 and disparse2022._fall_share([1.0, 0.2]) == 1.0
 
 
 def test_a_run_directory_of_other_settings_is_stale(tmp_path):

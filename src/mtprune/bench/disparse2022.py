@@ -181,6 +181,17 @@ def _watershed_of(sparsity: dict) -> str | None:
     return watershed(agreement) if agreement else sparsity.get("watershed")
 
 
+def _fall_share(values: list[float]) -> float:
+    """The largest step down of the running minimum of ``values`` as a share of their whole fall (first value to
+    the lowest): 1.0 is one sharp watershed, small shares a gradual divergence; 0.0 if it never falls."""
+    lowest, largest = values[0], 0.0
+    for v in values[1:]:
+        largest = max(largest, lowest - v)
+        lowest = min(lowest, v)
+    fall = values[0] - lowest
+    return largest / fall if fall > 0 else 0.0
+
+
 def _watersheds(rows: list[dict]) -> list[str]:
     """Per DiSparse method and target, the watershed layers of its seeds (where the tasks' mask agreement falls
     most, ``sparsity.analysis.watershed``), the most frequent first, and the mean agreement of the first and the
@@ -192,7 +203,7 @@ def _watersheds(rows: list[dict]) -> list[str]:
             groups.setdefault((r["method"], r["target"]), []).append(r["watershed"])
         if r.get("agreement"):
             values = list(r["agreement"].values())
-            ends.setdefault((r["method"], r["target"]), []).append((values[0], values[-1]))
+            ends.setdefault((r["method"], r["target"]), []).append((values[0], values[-1], _fall_share(values)))
     if not groups:
         return ["- No run recorded per-task masks (only the DiSparse methods do)."]
     every = Counter(layer for layers in groups.values() for layer in layers)
@@ -201,8 +212,9 @@ def _watersheds(rows: list[dict]) -> list[str]:
     for (method, target), layers in sorted(groups.items()):
         counts = Counter(layers).most_common()
         pairs = ends.get((method, target))
-        span = (f"; agreement {statistics.fmean(a for a, _ in pairs):.2f} at the first shared layer, "
-                f"{statistics.fmean(b for _, b in pairs):.2f} at the last" if pairs else "")
+        span = (f"; agreement {statistics.fmean(p[0] for p in pairs):.2f} at the first shared layer, "
+                f"{statistics.fmean(p[1] for p in pairs):.2f} at the last; the watershed's step is "
+                f"{statistics.fmean(p[2] for p in pairs):.0%} of the whole fall" if pairs else "")
         out.append(f"- {method} {target:.0%}: " + ", ".join(f"`{layer}` ({k} of {len(layers)} seeds)"
                                                            for layer, k in counts) + span)
     return out
