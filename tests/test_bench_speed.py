@@ -133,6 +133,7 @@ def test_latency_floor_and_fidelity_ceiling(small):
     assert dense_efficiency_fidelity(0.1, 0.0, 0.25) < ceiling(0.1, 0.25)  # never above the hard ceiling
     md = (out / "speed_small.md").read_text()
     assert "## Latency floor and fidelity ceiling" in md and "at dense efficiency" in md
+    assert f"Command: `{result['command']}`" in md and "mtprune.bench.speed" in result["command"]
     assert md.count("| MobileNetV2 + DeepLab-v3 ASPP | ") >= 1 + len(COMPARE["small"].targets)
 
 

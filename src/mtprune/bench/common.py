@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def machine() -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
+
+
+def command_line(suite: str) -> str:
+    """The command that runs this process, as typed: ``mtprune bench ...`` or ``python -m mtprune.bench.SUITE ...``."""
+    via_cli = Path(sys.argv[0]).name == "mtprune"
+    return " ".join(["mtprune" if via_cli else f"python -m mtprune.bench.{suite}", *sys.argv[1:]])
 
 
 def results_dir(suite: str, out: str | Path | None) -> Path:

@@ -35,6 +35,7 @@ from ..sparsity.analysis import watershed
 from ..sparsity.run import run_sparsify
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
+from .common import command_line
 
 SUITE = "disparse2022"
 VARIANTS: dict[str, list[str]] = {  # name → overrides; the released code's choices (see the module docstring)
@@ -130,8 +131,7 @@ def run_all(base: Path, out: Path, methods: list[str], sparsities: list[float], 
                              "bitmask_bytes": summary["sparsity"]["storage"]["bitmask_bytes"],
                              "dense_bytes": summary["sparsity"]["storage"]["dense_bytes"],
                              "wall_s": summary.get("wall_s")})
-    via_cli = Path(sys.argv[0]).name == "mtprune"
-    result = {"command": " ".join(["mtprune" if via_cli else f"python -m mtprune.bench.{SUITE}", *sys.argv[1:]]),
+    result = {"command": command_line(SUITE),
               "settings": SETTINGS + extra, "finetune": finetune, "variants": VARIANTS, "seeds": seeds, "rows": rows}
     atomic_write_json(out / "results.json", result)
     write_results(out, result)

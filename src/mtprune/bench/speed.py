@@ -67,7 +67,7 @@ from ..sparsity.storage import stored_size
 from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
-from .common import Entries, fingerprint, machine, results_dir
+from .common import Entries, command_line, fingerprint, machine, results_dir
 from .speed_compare import COMPARE, hardware_entry, hardware_fingerprint, prune_time_entry, side_by_side_entry
 from .speed_compare import markdown as compare_markdown
 
@@ -462,7 +462,7 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
     engine = entries.get(f"stats_engine_{scale}", lambda: _engine_entry(model(first), tasks, sc, device, seed))
     memory = entries.get(f"memory_{scale}", lambda: _memory_section(sc, threads or torch.get_num_threads(), device))
     result = {
-        "suite": "speed", "scale": scale, "machine": machine(),
+        "suite": "speed", "scale": scale, "machine": machine(), "command": command_line("speed"),
         "setting": {"input": [3, h, w], "batch": sc.batch, "width": sc.width, "tasks": list(tasks),
                     "device": str(device), "criterion": "l1", "allocator": "global", "min_channels": MIN_CHANNELS,
                     "pairs": sc.repeats, "models": {k: dict(zip(("model", "head", "head_kwargs"), v, strict=True))
@@ -532,7 +532,7 @@ def _plot_memory(memory: dict, path: Path, tasks: int) -> None:
 
 def _markdown(r: dict) -> str:
     m, s = r["machine"], r["setting"]
-    lines = [f"# speed ({r['scale']})", "",
+    lines = [f"# speed ({r['scale']})", "", f"Command: `{r.get('command', 'mtprune bench speed')}`.", "",
              f"Tasks {', '.join(s['tasks'])}, width {s['width']}, input {s['input']}, batch {s['batch']}, "
              f"{m['threads']} threads on {m['device']} ({m['cores']} cores), torch {m['torch']}, {m['date']}.", "",
              "## Latency against MACs", "",
