@@ -211,22 +211,23 @@ def test_new_refine_reruns_no_merging_and_keeps_naive(suites, monkeypatch, tmp_p
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-@pytest.mark.skipif(not (RESULTS / "pam" / "entries" / "presence_lenet_s0.json").is_file(),
-                    reason="the presence benchmark has not been run here")
-def test_committed_presence_summaries_are_computed_from_their_entries():
-    """benchmarks/results/{pam,mfis}/summary.json: the presence_lenet verdicts recomputed from the stored entries."""
-    pam = json.loads((RESULTS / "pam" / "summary.json").read_text())["entries"][M.PRESENCE]
-    runs = {f"s{s}": json.loads((RESULTS / "pam" / "entries" / f"{M.PRESENCE}_s{s}.json").read_text())
+@pytest.mark.parametrize("testbed", sorted(M.PRESENCE_TESTBEDS))
+def test_committed_presence_summaries_are_computed_from_their_entries(testbed):
+    """benchmarks/results/{pam,mfis}/summary.json: each presence testbed's verdicts recomputed from the stored
+    entries."""
+    if not (RESULTS / "pam" / "entries" / f"{testbed}_s0.json").is_file():
+        pytest.skip(f"the {testbed} benchmark has not been run here")
+    pam = json.loads((RESULTS / "pam" / "summary.json").read_text())["entries"][testbed]
+    runs = {f"s{s}": json.loads((RESULTS / "pam" / "entries" / f"{testbed}_s{s}.json").read_text())
             for s in pam["seeds"]}
     again = M.presence_digest({k: {**M._pam_digest(v), "seed": v["seed"]} for k, v in runs.items()})
     for key in ("within_budget", "seeds", "exclusive_neurons", "no_merge_over_pam_all_tasks",
                 "no_merge_over_pam_single_task_min"):
         assert pam[key] == pytest.approx(again[key]), key
-    mfis_file = RESULTS / "mfis" / "summary.json"
-    mfis = json.loads(mfis_file.read_text())["entries"].get(M.PRESENCE)
+    mfis = json.loads((RESULTS / "mfis" / "summary.json").read_text())["entries"].get(testbed)
     if mfis is None:
-        pytest.skip("the mfis presence entries have not been run here")
-    both = {k: {"pam": v, "mfis": json.loads((RESULTS / "mfis" / "entries" / f"{M.PRESENCE}_{k}.json").read_text())}
+        pytest.skip(f"the mfis {testbed} entries have not been run here")
+    both = {k: {"pam": v, "mfis": json.loads((RESULTS / "mfis" / "entries" / f"{testbed}_{k}.json").read_text())}
             for k, v in runs.items()}
     again = M.mfis_presence_digest(both)
     for key in ("within_budget", "seeds", "exclusive_neurons", "no_merge_over_pam_all_tasks",
