@@ -8,6 +8,7 @@ import math
 import pytest
 
 from mtprune.bench import run_suite
+from mtprune.bench.latency_quality import LATENCY_MATCH, judge, markdown
 
 
 @pytest.mark.slow
@@ -28,6 +29,32 @@ def test_latency_quality_small(tmp_path):
     assert b["prediction"]["goal_ms"] == pytest.approx(a["latency_ratio"] * b["prediction"]["dense_measured_ms"])
     for v in (a, b):
         assert math.isfinite(v["delta_m"]) and v["measured_ms"] > 0 and set(v["metrics"]) == {"seg", "depth", "normal"}
-    assert row["latency_no_worse"] == (b["delta_m"] >= a["delta_m"])
-    assert saved["of"] == 1
+    assert row["latency_matched"] == (b["speedup"] >= a["speedup"] * (1 - LATENCY_MATCH))
+    assert row["latency_no_worse"] == ((b["delta_m"] >= a["delta_m"]) if row["latency_matched"] else None)
+    assert saved["of"] + saved["unmatched"] == 1
     assert list((tmp_path / "latency_tables").glob("*.json"))
+
+
+def _row(speedups: tuple[float, float], deltas: tuple[float, float], refused: bool = False) -> dict:
+    a = {"measured_ms": 10.0, "speedup": speedups[0], "macs_kept": 0.25, "delta_m": deltas[0]}
+    b = ({"refused": "latency target: below the latency floor"} if refused else
+         {"measured_ms": 10.0, "speedup": speedups[1], "macs_kept": 0.4, "delta_m": deltas[1]})
+    return {"target_macs": 0.25, "seed": 0, "dense_ms": 20.0, "equal_macs": a, "equal_latency": b}
+
+
+def test_a_latency_model_slower_than_its_target_gets_no_verdict():
+    """Better Δm bought with latency is no evidence: a row counts only when the latency-targeted model runs within
+    LATENCY_MATCH of the equal-MACs model's speed."""
+    slow = judge(_row((2.0, 2.0 * (1 - LATENCY_MATCH) - 0.01), (-3.0, -1.0)))
+    assert slow["latency_matched"] is False and slow["latency_no_worse"] is None
+    fair = judge(_row((2.0, 1.95), (-3.0, -1.0)))
+    assert fair["latency_matched"] is True and fair["latency_no_worse"] is True
+    worse = judge(_row((2.0, 2.2), (-1.0, -3.0)))
+    assert worse["latency_matched"] is True and worse["latency_no_worse"] is False
+    refused = judge(_row((2.0, 0.0), (-1.0, 0.0), refused=True))
+    assert refused["latency_matched"] is None and refused["latency_no_worse"] is None
+    rows = [slow, fair, worse, refused]
+    text = markdown({"scale": "cpu", "criterion": "task_taylor", "finetune_epochs": 6, "rows": rows,
+                     "machine": {"threads": 2, "device": "cpu", "torch": "x", "date": "d"},
+                     "no_worse": 1, "of": 2, "unmatched": 1, "refused": 1, "latency_match": LATENCY_MATCH})
+    assert "in 1 of 2 matched rows; 1 rows not matched" in text and "| no | – |" in text

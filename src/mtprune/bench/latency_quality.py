@@ -86,9 +86,21 @@ def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, s
                      "delta_m": delta_m(metrics, dense_metrics, setup.tasks)}
     if "equal_latency" not in models:
         row["equal_latency"] = reports["equal_latency"]
-    row["latency_no_worse"] = (row["equal_latency"]["delta_m"] >= row["equal_macs"]["delta_m"]
-                               if "equal_latency" in models else None)
-    return row
+    return judge(row)
+
+
+LATENCY_MATCH = 0.05  # the latency-targeted model may run at most this much slower than the MACs-targeted one
+
+
+def judge(row: dict) -> dict:
+    """A row's verdict. The two models are compared only when the latency-targeted one really runs at the
+    equal-MACs model's latency (its measured speed-up at most ``LATENCY_MATCH`` below); a slower one would buy its
+    quality with latency, so the row counts as ``latency_matched`` False and gets no verdict."""
+    a, b = row["equal_macs"], row["equal_latency"]
+    if "delta_m" not in b:  # refused
+        return {**row, "latency_matched": None, "latency_no_worse": None}
+    matched = b["speedup"] >= a["speedup"] * (1 - LATENCY_MATCH)
+    return {**row, "latency_matched": matched, "latency_no_worse": b["delta_m"] >= a["delta_m"] if matched else None}
 
 
 def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = False, **_) -> dict:
@@ -109,13 +121,14 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         for target in targets:
             key = f"quality_{target}_s{seed}"
             fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting)
-            rows.append(entries.get(key, lambda s=setup, t=target, k=key, st=setting: quality_entry(
-                s, t, ft_epochs, runs / k, st), fp))
+            rows.append(judge(entries.get(key, lambda s=setup, t=target, k=key, st=setting: quality_entry(
+                s, t, ft_epochs, runs / k, st), fp)))  # judged again: stored rows follow the current rule
     result = {"suite": "latency_quality", "scale": scale, "machine": machine(), "criterion": CRITERION,
               "finetune_epochs": ft_epochs, "config": _config(scale, 0).model_dump(mode="json"), "rows": rows,
               "no_worse": sum(bool(r["latency_no_worse"]) for r in rows),
               "of": sum(r["latency_no_worse"] is not None for r in rows),
-              "refused": sum(r["latency_no_worse"] is None for r in rows)}
+              "refused": sum(r["latency_matched"] is None for r in rows),
+              "unmatched": sum(r["latency_matched"] is False for r in rows), "latency_match": LATENCY_MATCH}
     atomic_write_json(folder / "results.json", result)
     atomic_write_text(folder / "results.md", markdown(result))
     return result
@@ -127,20 +140,23 @@ def markdown(r: dict) -> str:
              f"`{r['criterion']}`, one-shot, fine-tuned {r['finetune_epochs']} epochs alike; {m['threads']} threads "
              f"on {m['device']}, torch {m['torch']}, {m['date']}. Equal latency = the latency target is the measured "
              "latency of the model pruned at equal MACs.", "",
-             "| MACs target | seed | dense ms | equal MACs: ms, MACs kept, Δm | equal latency: ms, MACs kept, Δm | "
-             "no worse |", "|---|---|---|---|---|---|"]
+             "| MACs target | seed | dense ms | equal MACs: ms, speed-up, MACs kept, Δm | equal latency: ms, "
+             "speed-up, MACs kept, Δm | latency matched | no worse |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         a, b = row["equal_macs"], row["equal_latency"]
+        first = (f"| {row['target_macs']} | {row['seed']} | {row['dense_ms']:.1f} | {a['measured_ms']:.1f}, "
+                 f"{a['speedup']:.2f}×, {a['macs_kept']:.3f}, {a['delta_m']:+.2f} | ")
         if "refused" in b:
-            lines.append(f"| {row['target_macs']} | {row['seed']} | {row['dense_ms']:.1f} | {a['measured_ms']:.1f}, "
-                         f"{a['macs_kept']:.3f}, {a['delta_m']:+.2f} | refused: {b['refused'].split(':')[0]} | |")
+            lines.append(first + f"refused: {b['refused'].split(':')[0]} | | |")
             continue
-        lines.append(f"| {row['target_macs']} | {row['seed']} | {row['dense_ms']:.1f} | {a['measured_ms']:.1f}, "
-                     f"{a['macs_kept']:.3f}, {a['delta_m']:+.2f} | {b['measured_ms']:.1f}, {b['macs_kept']:.3f}, "
-                     f"{b['delta_m']:+.2f} | {'yes' if row['latency_no_worse'] else 'no'} |")
-    lines += ["", f"At equal latency, Δm no worse than at equal MACs in {r['no_worse']} of {r['of']} rows"
-              + (f" ({r['refused']} more refused: the MACs model's latency ratio was no target, below the "
-                 "latency floor or not below 1)."
-                 if r.get("refused") else ".")]
+        verdict = "–" if row["latency_no_worse"] is None else ("yes" if row["latency_no_worse"] else "no")
+        lines.append(first + f"{b['measured_ms']:.1f}, {b['speedup']:.2f}×, {b['macs_kept']:.3f}, "
+                     f"{b['delta_m']:+.2f} | {'yes' if row['latency_matched'] else 'no'} | {verdict} |")
+    match = r.get("latency_match", LATENCY_MATCH)
+    lines += ["", f"Latency matched: the latency-targeted model's measured speed-up is at most {match:.0%} below the "
+              "equal-MACs model's; only matched rows are judged. At equal latency, Δm no worse than at equal MACs "
+              f"in {r['no_worse']} of {r['of']} matched rows; {r.get('unmatched', 0)} rows not matched (the "
+              "latency-targeted model ran slower than its target), " + f"{r['refused']} refused (the MACs model's "
+              "latency ratio was no target: below the latency floor or not below 1)."]
     return "\n".join(lines) + "\n"
 
