@@ -231,7 +231,6 @@ def test_the_suite_recomputes_watersheds_and_reports_the_agreement_span():
     share = (0.35 / 0.48 + 0.35 / 0.66) / 2
     assert (f"- disparse_static 70%: `c3` (2 of 2 seeds); agreement 0.97 at the first shared layer, 0.40 at the "
             f"last; the watershed's step is {share:.0%} of the whole fall") in text
-    assert disparse2022._fall_share([0.9, 0.9, 0.95]) == 0.0 and disparse2022._fall_share([1.0, 0.2]) == 1.0
 
 
 def test_a_run_directory_of_other_settings_is_stale(tmp_path):

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 import mtprune
 from mtprune.engine.trainer import TrainConfig, Trainer
 from mtprune.sparsity import apply_masks, get_masks, sparsify
-from mtprune.sparsity.analysis import mean_pairwise_iou, watershed
+from mtprune.sparsity.analysis import agreement_falls, mean_pairwise_iou, watershed, watershed_share
 from mtprune.sparsity.decision import TaskRanking, sparsity_of
 from mtprune.sparsity.dynamic import DynamicSchedule, first_conv, initial_masks, regrowth_order
 from mtprune.sparsity.erk import erk_counts, erk_densities
@@ -351,6 +351,10 @@ def test_watershed_follows_the_running_minimum_past_a_shortcut_layer() -> None:
     assert watershed(agreement) == "c3"  # 0.90 -> 0.55; not "c4" (0.92 -> 0.50 follows the shortcut)
     assert watershed({"a": 0.5, "b": 0.6, "c": 0.7}) is None  # never falls
     assert watershed({"a": 0.9, "b": 0.9}) is None and watershed({}) is None
+    falls = agreement_falls(agreement)  # running minimum 0.98, 0.90, 0.55, 0.55, 0.50, 0.45
+    assert falls == pytest.approx({"c1": 0.0, "c2": 0.08, "c3": 0.35, "down": 0.0, "c4": 0.05, "c5": 0.05})
+    assert watershed_share(agreement) == pytest.approx(0.35 / 0.53)  # of the whole fall, 0.98 -> 0.45
+    assert watershed_share({"a": 0.9, "b": 0.95}) == 0.0 and watershed_share({"a": 1.0, "b": 0.2}) == 1.0
 
 
 def test_static_result_reports_agreement_storage_and_parts() -> None:

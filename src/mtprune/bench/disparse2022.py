@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from ..config import apply_overrides, parse_config
-from ..sparsity.analysis import watershed
+from ..sparsity.analysis import watershed, watershed_share
 from ..sparsity.run import run_sparsify
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
@@ -181,29 +181,19 @@ def _watershed_of(sparsity: dict) -> str | None:
     return watershed(agreement) if agreement else sparsity.get("watershed")
 
 
-def _fall_share(values: list[float]) -> float:
-    """The largest step down of the running minimum of ``values`` as a share of their whole fall (first value to
-    the lowest): 1.0 is one sharp watershed, small shares a gradual divergence; 0.0 if it never falls."""
-    lowest, largest = values[0], 0.0
-    for v in values[1:]:
-        largest = max(largest, lowest - v)
-        lowest = min(lowest, v)
-    fall = values[0] - lowest
-    return largest / fall if fall > 0 else 0.0
-
-
 def _watersheds(rows: list[dict]) -> list[str]:
     """Per DiSparse method and target, the watershed layers of its seeds (where the tasks' mask agreement falls
     most, ``sparsity.analysis.watershed``), the most frequent first, and the mean agreement of the first and the
     last shared layer."""
     groups: dict[tuple, list[str]] = {}
-    ends: dict[tuple, list[tuple[float, float]]] = {}
+    ends: dict[tuple, list[tuple[float, float, float]]] = {}
     for r in rows:
         if r.get("watershed"):
             groups.setdefault((r["method"], r["target"]), []).append(r["watershed"])
         if r.get("agreement"):
             values = list(r["agreement"].values())
-            ends.setdefault((r["method"], r["target"]), []).append((values[0], values[-1], _fall_share(values)))
+            ends.setdefault((r["method"], r["target"]), []).append((values[0], values[-1],
+                                                                    watershed_share(r["agreement"])))
     if not groups:
         return ["- No run recorded per-task masks (only the DiSparse methods do)."]
     every = Counter(layer for layers in groups.values() for layer in layers)

@@ -37,17 +37,30 @@ def mean_pairwise_iou(task_masks: Mapping[str, Mapping[str, Tensor]]) -> dict[st
     return out
 
 
-def watershed(agreement: Mapping[str, float]) -> str | None:
-    """The layer where the tasks' agreement (in layer order) falls most: the largest step down of its running
-    minimum, so that a layer agreeing more than an earlier one (a shortcut projection running beside the main
-    path, such as ResNet's ``downsample``) cannot fake a drop right after itself. None if it never falls."""
-    names, lowest, best = list(agreement), float("inf"), (0.0, None)
-    for name in names:
-        value = agreement[name]
-        if lowest - value > best[0] and lowest != float("inf"):
-            best = (lowest - value, name)
+def agreement_falls(agreement: Mapping[str, float]) -> dict[str, float]:
+    """Per layer (in order), how far it lowers the running minimum of the agreement (0 for the first layer and
+    for any layer agreeing at least as much as one before it: a shortcut projection running beside the main path,
+    such as ResNet's ``downsample``, cannot fake a fall right after itself)."""
+    falls, lowest = {}, float("inf")
+    for name, value in agreement.items():
+        falls[name] = max(lowest - value, 0.0) if lowest != float("inf") else 0.0
         lowest = min(lowest, value)
-    return best[1]
+    return falls
+
+
+def watershed(agreement: Mapping[str, float]) -> str | None:
+    """The layer where the tasks' agreement falls most (:func:`agreement_falls`); None if it never falls."""
+    falls = agreement_falls(agreement)
+    name = max(falls, key=falls.__getitem__, default=None)
+    return name if name is not None and falls[name] > 0 else None
+
+
+def watershed_share(agreement: Mapping[str, float]) -> float:
+    """The watershed's fall as a share of the whole fall (first layer to the lowest): 1.0 is one sharp
+    watershed, small shares a gradual divergence; 0.0 if agreement never falls."""
+    falls = agreement_falls(agreement)
+    whole = sum(falls.values())
+    return max(falls.values()) / whole if whole > 0 else 0.0
 
 
 def sparsity_report(masks: Mapping[str, Tensor], parts: Mapping[str, str]) -> tuple[list[dict], dict[str, dict]]:
