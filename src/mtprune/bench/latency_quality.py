@@ -49,7 +49,7 @@ def _setting(scale: str, setup: _Setup, table_dir: Path) -> dict:
 def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, setting: dict,
                   repeats: int = 10) -> dict:
     """One seed and target: prune at MACs ``target``, measure its latency ratio to the dense model, prune to that
-    ratio, fine-tune both."""
+    ratio, fine-tune both (the row's verdict is :func:`judge`'s)."""
     cfg, x = setup.cfg, setup.x
     models, reports = {}, {}
     dense = load_model(setup.dense_path, base=setup.fresh())
@@ -86,7 +86,7 @@ def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, s
                      "delta_m": delta_m(metrics, dense_metrics, setup.tasks)}
     if "equal_latency" not in models:
         row["equal_latency"] = reports["equal_latency"]
-    return judge(row)
+    return row
 
 
 LATENCY_MATCH = 0.05  # the latency-targeted model may run at most this much slower than the MACs-targeted one
@@ -122,7 +122,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
             key = f"quality_{target}_s{seed}"
             fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting)
             rows.append(judge(entries.get(key, lambda s=setup, t=target, k=key, st=setting: quality_entry(
-                s, t, ft_epochs, runs / k, st), fp)))  # judged again: stored rows follow the current rule
+                s, t, ft_epochs, runs / k, st), fp)))  # judged here, so stored rows follow the current rule
     result = {"suite": "latency_quality", "scale": scale, "machine": machine(), "criterion": CRITERION,
               "finetune_epochs": ft_epochs, "config": _config(scale, 0).model_dump(mode="json"), "rows": rows,
               "no_worse": sum(bool(r["latency_no_worse"]) for r in rows),
