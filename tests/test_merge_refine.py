@@ -140,6 +140,10 @@ def test_suite_fingerprints_follow_what_each_result_depends_on():
     assert ms._base_fingerprint(plain) == ms._base_fingerprint(refined)  # networks, naive merging, MFIS's key
     assert ms._no_merge_fingerprint(plain) != ms._no_merge_fingerprint(refined)  # no merging walks it too
     assert ms._fingerprint(ms._dump(plain)) != ms._fingerprint(ms._dump(refined))
+    walked = load_merge_config(path, ["prune.refine=2", "prune.per_task=true", "prune.shared_walk=true"])
+    assert "shared_walk" not in ms._dump(refined) and "shared_walk: true" in ms._dump(walked)
+    assert ms._base_fingerprint(walked) == ms._base_fingerprint(refined)  # the trunk's walk is PAM's alone
+    assert ms._no_merge_fingerprint(walked) == ms._no_merge_fingerprint(refined)
 
 
 @pytest.mark.parametrize("met", [True, False])

@@ -134,6 +134,8 @@ def _dump(cfg: Any) -> str:
         del raw["prune"]["refine"]
     if raw.get("prune", {}).get("per_task_finetune") == "branch":  # as before the option existed
         del raw["prune"]["per_task_finetune"]
+    if raw.get("prune", {}).get("shared_walk") is False:  # as before the option existed
+        del raw["prune"]["shared_walk"]
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -205,14 +207,14 @@ def _base_fingerprint(cfg: Any) -> str:
     and naive merging depend on (equal to the fingerprint of entries computed before ``prune.per_task`` and
     ``prune.refine``); MFIS's entries are keyed by it."""
     return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(
-        update={"per_task": False, "per_task_finetune": "branch", "refine": 0})})))
+        update={"per_task": False, "per_task_finetune": "branch", "shared_walk": False, "refine": 0})})))
 
 
 def _no_merge_fingerprint(cfg: Any) -> str:
     """The fingerprint of what no merging depends on: ``cfg`` with PAM's joint-only ladder (``prune.refine``,
     which every walk takes, stays)."""
     return _fingerprint(_dump(cfg.model_copy(update={"prune": cfg.prune.model_copy(
-        update={"per_task": False, "per_task_finetune": "branch"})})))
+        update={"per_task": False, "per_task_finetune": "branch", "shared_walk": False})})))
 
 
 def _pam_entry(model: str, task_set: str, scale: str, threads: int, folder: Path) -> tuple[str, Callable[[], dict]]:
@@ -438,7 +440,7 @@ def _pam_settings(cfg) -> dict:
             "retrain_epochs": cfg.merge.retrain.epochs, "ladder": cfg.prune.ladder,
             "accuracy_drop": cfg.prune.accuracy_drop, "finetune_epochs": cfg.prune.finetune.epochs,
             "refine": cfg.prune.refine, "per_task": cfg.prune.per_task,
-            "per_task_finetune": cfg.prune.per_task_finetune,
+            "per_task_finetune": cfg.prune.per_task_finetune, "shared_walk": cfg.prune.shared_walk,
             "latency_batch": cfg.cost.batch_size, "threads": cfg.threads,
             **({"relevance": cfg.merge.relevance.model_dump(mode="json")} if cfg.merge.relevance else {})}
 

@@ -34,7 +34,7 @@ from mtprune.utils.errors import MTPruneInputError
 from .merged_net import MergedNet
 from .subsets import extract_tasks
 
-__all__ = ["exclusive_macs", "frozen_except", "prune_exclusive"]
+__all__ = ["exclusive_macs", "frozen_except", "prune_exclusive", "prune_shared", "shared_macs"]
 
 
 def _check(model: nn.Module, task: str) -> None:
@@ -50,6 +50,12 @@ def exclusive_macs(model: MergedNet, task: str, example: Tensor) -> int:
     total = profile(model, example, latency=False).macs
     others = [t for t in model.task_names if t != task]
     return total - (profile(extract_tasks(model, others), example, latency=False).macs if others else 0)
+
+
+def shared_macs(model: MergedNet, example: Tensor) -> int:
+    """MACs per sample of what more than one task pays: the whole network's minus every task's exclusive MACs."""
+    total = profile(model, example, latency=False).macs
+    return total - sum(exclusive_macs(model, t, example) for t in model.task_names)
 
 
 def _frozen_names(model: MergedNet, task: str) -> list[str]:
@@ -70,6 +76,17 @@ def prune_exclusive(model: MergedNet, task: str, example: Tensor, target_macs: f
     if not len(model.heads[task].stages):
         raise MTPruneInputError(f"task {task!r} has no exclusive hidden layer to prune (only its output layer)")
     protected = [*_frozen_names(model, task), *kwargs.pop("protected", ())]
+    return prune(model, example, target_macs=target_macs, protected=protected, **kwargs)
+
+
+def prune_shared(model: MergedNet, example: Tensor, target_macs: float, **kwargs: Any) -> PruneReport:
+    """``mtprune.prune(model, example, target_macs=...)`` restricted to the shared trunk: every task's branch is
+    ``protected`` (its layers' output widths never change; their input widths follow the trunk's)."""
+    if not isinstance(model, MergedNet):
+        raise MTPruneInputError(f"shared-trunk pruning takes a PAM / naive MergedNet, got {type(model).__name__}")
+    if not len(model.shared):
+        raise MTPruneInputError("the merged network has no shared trunk to prune")
+    protected = [*(f"heads.{t}" for t in model.task_names), *kwargs.pop("protected", ())]
     return prune(model, example, target_macs=target_macs, protected=protected, **kwargs)
 
 

@@ -50,7 +50,7 @@ from mtprune.utils.atomic import atomic_write_json, atomic_write_text
 from mtprune.utils.errors import MTPruneInputError
 from mtprune.utils.runtime import resolve_device, seed_everything
 
-from .continuation import exclusive_macs, frozen_except, prune_exclusive
+from .continuation import exclusive_macs, frozen_except, prune_exclusive, prune_shared, shared_macs
 from .cost import SubsetCost, cost_table, costs_to_dict, merged_costs, plot_costs, separate_costs, subset_keys
 from .merged_net import MergedNet
 from .naive import naive_merge
@@ -108,6 +108,9 @@ class BudgetPruneSection(_Strict):
     # how each per-task step is fine-tuned: "branch" (only that task's exclusive part, on its own loss, the rest
     # frozen) or "joint" (the whole merged network on every task's loss, as a joint rung; ours)
     per_task_finetune: Literal["branch", "joint"] = "branch"
+    # PAM only, with per_task (ours): after the per-task walks, the shared trunk walks the ladder alone (rungs are
+    # fractions of its unpruned MACs), every branch protected, the whole network fine-tuned on every loss
+    shared_walk: bool = False
     # ours, every walk alike (no merging, naive, PAM's joint ladder and per-task walks): after the first rung out of
     # the budget, this many bisection steps between it and the last rung within the budget (0: the rungs only)
     refine: int = Field(0, ge=0)
@@ -116,6 +119,8 @@ class BudgetPruneSection(_Strict):
     def _ladder(self) -> BudgetPruneSection:
         if any(not 0 < v < 1 for v in self.ladder) or self.ladder != sorted(self.ladder, reverse=True):
             raise ValueError("ladder must be decreasing MAC fractions in (0, 1)")
+        if self.shared_walk and not self.per_task:
+            raise ValueError("prune.shared_walk follows the per-task walks: set prune.per_task: true as well")
         return self
 
 
@@ -291,83 +296,101 @@ class _Runner:
                             lambda model, at: self.fit(model, tasks, p.finetune, at))
 
     def prune_per_task(self, model: MergedNet, tasks: Mapping[str, Task], reference: Mapping[str, float],
-                       dense_exclusive: Mapping[str, int], where: str) -> tuple[MergedNet, dict[str, Any]]:
+                       dense_exclusive: Mapping[str, int], where: str, dense_shared: int | None = None
+                       ) -> tuple[MergedNet, dict[str, Any]]:
         """After the joint ladder: each task in turn walks the same ladder on its exclusive part only (rungs are
         fractions of ``dense_exclusive[t]``, its exclusive MACs unpruned), the shared trunk and the other branches
         protected (and, with ``per_task_finetune: branch``, frozen while it fine-tunes on its own loss; with
         ``joint`` the whole network fine-tunes on every loss); its walk stops at the first rung that takes any task
-        out of the budget, and the model of the rung before is kept (see ``continuation.py``)."""
+        out of the budget, and the model of the rung before is kept (see ``continuation.py``). With
+        ``prune.shared_walk`` the shared trunk then walks alike (rungs: fractions of ``dense_shared``), every
+        branch protected, the whole network fine-tuned on every loss."""
         p = self.cfg.prune
         floor = {t: reference[t] - p.accuracy_drop for t in tasks}
         model.to(self.device)
         x = self.example.to(self.device)
         acc = self.score(model, tasks)
         walks: dict[str, list[dict[str, Any]]] = {}
-        for t in tasks:
-            dense = max(dense_exclusive[t], 1)
-            current = exclusive_macs(model, t, x) / dense
+        parts: list[tuple[str | None, int]] = [(t, dense_exclusive[t]) for t in tasks]
+        if p.shared_walk and dense_shared is not None:
+            parts.append((None, dense_shared))
+        shared_steps: list[dict[str, Any]] = []
+        for part, dense_macs in parts:
+            dense = max(dense_macs, 1)
+            label = f"{where}/{part if part is not None else 'shared'}"
+            current = self._part_macs(model, part, x) / dense
             steps: list[dict[str, Any]] = [{"fraction": current, "acc": acc, "ok": True}]
             best = (copy.deepcopy(model), acc, current)
             for k, rung in enumerate(v for v in p.ladder if v < current - 1e-3):
-                reached = self._prune_exclusive_to(model, t, x, rung, dense, tasks)
+                reached = self._prune_part_to(model, part, x, rung, dense, tasks)
                 if isinstance(reached, str):  # refused, or nothing left to prune: the model is unchanged
                     steps.append({"fraction": current, "acc": acc, "ok": False, "error": reached})
                     break
                 current = reached
-                self._fit_step(model, t, tasks, f"{where}/{t}/step{k + 1}")
+                self._fit_step(model, part, tasks, f"{label}/step{k + 1}")
                 acc = self.score(model, tasks)
                 ok = all(acc[s] >= floor[s] for s in tasks)
                 steps.append({"fraction": current, "acc": acc, "ok": ok})
-                log.info("%s/%s: %.3f of its exclusive MACs, accuracy %s (%s)", where, t, current, acc,
-                         "ok" if ok else "over budget")
+                log.info("%s: %.3f of its MACs, accuracy %s (%s)", label, current, acc, "ok" if ok else "over budget")
                 if not ok:
-                    best = self._refine_exclusive(best, current, t, dense, tasks, floor, f"{where}/{t}", steps)
+                    best = self._refine_part(best, current, part, dense, tasks, floor, label, steps)
                     break
                 best = (copy.deepcopy(model), acc, current)
             model, acc, _ = best
-            walks[t] = steps
-        return model.cpu(), {"acc": acc, "walks": walks}
+            if part is None:
+                shared_steps = steps
+            else:
+                walks[part] = steps
+        return model.cpu(), {"acc": acc, "walks": walks, **({"shared_walk": shared_steps} if shared_steps else {})}
 
+    def _part_macs(self, model: MergedNet, part: str | None, x: torch.Tensor) -> int:
+        """MACs of a task's exclusive part, or of the shared trunk (``part`` None)."""
+        return shared_macs(model, x) if part is None else exclusive_macs(model, part, x)
 
-    def _fit_step(self, model: MergedNet, task: str, tasks: Mapping[str, Task], where: str) -> None:
-        """Fine-tune after pruning ``task``'s exclusive part: that part alone on its own loss (``"branch"``), or
-        the whole merged network on every task's loss, as after a joint rung (``"joint"``)."""
-        if self.cfg.prune.per_task_finetune == "joint":
+    def _fit_step(self, model: MergedNet, part: str | None, tasks: Mapping[str, Task], where: str) -> None:
+        """Fine-tune after pruning a task's exclusive part: that part alone on its own loss (``"branch"``), or
+        the whole merged network on every task's loss, as after a joint rung (``"joint"``, and always after
+        pruning the shared trunk, ``part`` None)."""
+        if part is None or self.cfg.prune.per_task_finetune == "joint":
             self.fit(model, tasks, self.cfg.prune.finetune, where)
             return
-        with frozen_except(model, task):
-            self.fit(model, {task: tasks[task]}, self.cfg.prune.finetune, where)
+        with frozen_except(model, part):
+            self.fit(model, {part: tasks[part]}, self.cfg.prune.finetune, where)
 
-    def _prune_exclusive_to(self, model: MergedNet, task: str, x: torch.Tensor, fraction: float, dense: int,
-                            tasks: Mapping[str, Task]) -> float | str:
-        """Prune ``task``'s exclusive part in place towards ``fraction`` of its ``dense`` exclusive MACs; the
-        fraction reached, or why nothing was pruned (the model then is unchanged)."""
+    def _prune_part_to(self, model: MergedNet, part: str | None, x: torch.Tensor, fraction: float, dense: int,
+                       tasks: Mapping[str, Task]) -> float | str:
+        """Prune a task's exclusive part (or the shared trunk, ``part`` None) in place towards ``fraction`` of its
+        ``dense`` MACs; the fraction reached, or why nothing was pruned (the model then is unchanged)."""
         p = self.cfg.prune
-        before, whole = exclusive_macs(model, task, x), profile(model, x, latency=False).macs
+        before, whole = self._part_macs(model, part, x), profile(model, x, latency=False).macs
         goal = (whole - (before - fraction * dense)) / whole
+        kwargs = {"criterion": p.criterion, "data": self.stats_loader(), "losses": dict(tasks),
+                  "batches": p.stats_batches, "allocator": p.allocator, "min_channels": p.min_channels,
+                  "seed": self.cfg.seed}
         try:
-            with warnings.catch_warnings():  # the branch may not reach the rung: it goes as far as it can
+            with warnings.catch_warnings():  # the part may not reach the rung: it goes as far as it can
                 warnings.simplefilter("ignore")
-                prune_exclusive(model, task, x, goal, criterion=p.criterion, data=self.stats_loader(),
-                                losses=dict(tasks), batches=p.stats_batches, allocator=p.allocator,
-                                min_channels=p.min_channels, seed=self.cfg.seed)
+                if part is None:
+                    prune_shared(model, x, goal, **kwargs)
+                else:
+                    prune_exclusive(model, part, x, goal, **kwargs)
         except MTPruneInputError as err:
             return str(err)[:300]
-        after = exclusive_macs(model, task, x)
+        after = self._part_macs(model, part, x)
         return after / dense if after < before else "nothing left to prune"
 
-    def _refine_exclusive(self, best: tuple[MergedNet, dict[str, float], float], failed: float, task: str,
-                          dense: int, tasks: Mapping[str, Task], floor: Mapping[str, float], where: str,
-                          steps: list[dict[str, Any]]) -> tuple[MergedNet, dict[str, float], float]:
-        """A per-task walk's refinement (``prune.refine``), on ``task``'s exclusive part as the walk itself."""
+    def _refine_part(self, best: tuple[MergedNet, dict[str, float], float], failed: float, part: str | None,
+                     dense: int, tasks: Mapping[str, Task], floor: Mapping[str, float], where: str,
+                     steps: list[dict[str, Any]]) -> tuple[MergedNet, dict[str, float], float]:
+        """A per-part walk's refinement (``prune.refine``), on that part as the walk itself."""
         x = self.example.to(self.device)
 
         def prune_to(model: MergedNet, target: float, fraction: float) -> float | None:
-            reached = self._prune_exclusive_to(model, task, x, target, dense, tasks)
+            reached = self._prune_part_to(model, part, x, target, dense, tasks)
             return None if isinstance(reached, str) else reached
 
-        return self._refine(best, failed, tasks, floor, where, steps, "its exclusive MACs", prune_to,
-                            lambda model, at: self._fit_step(model, task, tasks, at))
+        return self._refine(best, failed, tasks, floor, where, steps, "its MACs", prune_to,
+                            lambda model, at: self._fit_step(model, part, tasks, at))
 
 
 def run_merge(cfg: MergeConfig, run_dir: Path, *, quiet: bool = False, resume: bool = False,
@@ -444,14 +467,17 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapp
         naive_p, budgets["naive"] = r.prune_to_budget(copy.deepcopy(naive), r.tasks, reference, "prune/naive")
     dense["pam"] = macs(merged)
     dense_exclusive = {t: exclusive_macs(merged, t, r.example) for t in names}
+    dense_shared = shared_macs(merged, r.example) if cfg.prune.shared_walk else None
     pam_p, budgets["pam"] = r.prune_to_budget(copy.deepcopy(merged), r.tasks, reference, "prune/pam")
     joint = None
     if cfg.prune.per_task and budgets["pam"]["budget_met"]:
         joint = {"fraction": budgets["pam"]["fraction"], "acc": budgets["pam"]["acc"],
                  "macs": {k: c.macs for k, c in merged_costs(pam_p, r.example, latency=False).items()}}
-        pam_p, walk = r.prune_per_task(pam_p, r.tasks, reference, dense_exclusive, "prune/pam_per_task")
+        pam_p, walk = r.prune_per_task(pam_p, r.tasks, reference, dense_exclusive, "prune/pam_per_task",
+                                       dense_shared)
         budgets["pam"] = {**budgets["pam"], "fraction": macs(pam_p) / dense["pam"], "acc": walk["acc"],
-                          "per_task": walk["walks"], "joint": {k: joint[k] for k in ("fraction", "acc")}}
+                          "per_task": walk["walks"], "joint": {k: joint[k] for k in ("fraction", "acc")},
+                          **({"shared_walk": walk["shared_walk"]} if "shared_walk" in walk else {})}
 
     x = r.example.expand(cfg.cost.batch_size, *r.example.shape[1:]).contiguous()
     kw = {"latency": cfg.cost.latency, "warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats}
@@ -540,11 +566,16 @@ def render_report(summary: Mapping[str, Any], partition_table: str) -> str:
         lines += ["", "Bisection steps after the first rung out of the budget (`prune.refine`; MAC fractions): "
                   + "; ".join(f"{k}: {', '.join(f'{f:.3f}' for f in v)}" for k, v in refined.items() if v) + "."]
     if "per_task" in b["pam"]:
-        j = b["pam"]["joint"]
+        j, pam_b = b["pam"]["joint"], b["pam"]
+        walks = [*pam_b["per_task"].items(), *([("shared trunk", pam_b["shared_walk"])] if "shared_walk" in pam_b
+                                               else [])]
+        then = ("; then the shared trunk walked alone, every branch protected (fractions of the trunk's MACs)"
+                if "shared_walk" in pam_b else "")
         lines += ["", f"PAM's joint ladder (the whole merged network) stopped at {j['fraction']:.3f} of its MACs "
                   f"({_fmt_acc(j['acc'])}); then each task's exclusive part walked the ladder alone, the shared "
-                  "trunk and the other branches protected and frozen (fractions of the task's exclusive MACs):", ""]
-        for t, steps in b["pam"]["per_task"].items():
+                  f"trunk and the other branches protected and frozen (fractions of the task's exclusive MACs){then}:",
+                  ""]
+        for t, steps in walks:
             marks = [("bisect " if st.get("refine") else "") + f"{st['fraction']:.2f} "
                      + ("refused" if "error" in st else "✓" if st["ok"] else "✗") for st in steps]
             lines.append(f"- {t}: " + " → ".join(marks))
