@@ -65,6 +65,9 @@ def test_side_by_side_and_prune_time(small):
         assert lat["within_5pct"] == (abs(lat["latency_ratio"] - r["target"]) <= 0.05 * r["target"])
         assert 0 < lat["predicted_ratio"] < 1 and lat["table"]["batch"] == SCALES["small"].batch
         assert lat["floor"]["measured_ms"] > 0 and lat["feedback"]
+        cands = lat["candidates"]  # the knapsack against the MACs ranking, each timed to the goal
+        assert cands["chosen"] in ("latency", "macs") and cands["macs"]["feedback"]
+        assert all(cands[k]["measured_ms"] > 0 for k in ("latency", "macs"))
     assert list((out / "latency_tables").glob("*.json"))  # the measured tables are kept with the results
     times = result["prune_time"]
     assert [t["model"] for t in times] == list(cmp.prune_models)

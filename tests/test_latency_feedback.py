@@ -5,6 +5,7 @@ whole model is corrected by timing the pruned configuration. Deterministic: the 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,57 @@ def test_next_ask_interpolates_once_the_goal_is_bracketed():
 def test_bad_feedback_is_refused():
     with pytest.raises(MTPruneInputError, match="feedback"):
         mtprune.prune(model(), X, "l1", target_latency=0.5, latency={"feedback": -1, "table": table})
+
+
+def test_pick_by_importance_keeps_the_most_importance_within_the_goal():
+    from mtprune.pruning.latency import pick_by_importance
+
+    assert pick_by_importance(10.0, {"latency": (10.2, 7.0), "macs": (9.9, 5.0)}) == "macs"
+    assert pick_by_importance(10.0, {"latency": (10.2, 5.0), "macs": (9.9, 7.0)}) == "latency"
+    assert pick_by_importance(10.0, {"latency": (10.4, 5.0), "macs": (11.0, 1.0)}) == "latency"  # 10 % over: out
+    assert pick_by_importance(10.0, {"latency": (12.0, 5.0), "macs": (11.0, 9.0)}) == "macs"  # none within: fastest
+
+
+def macs_ms(net: torch.nn.Module, *_args) -> float:
+    """'Hardware' on which time is MACs."""
+    return 1e-7 * sum(s.macs for s in CostModel(net, X, None).layers.values())
+
+
+def stem_priced_table(price: float):
+    """A table that believes the high-resolution layers cost ``price`` times what they do."""
+    def lookup(layer: LayerShape, cin: int, cout: int) -> float:
+        return table(layer, cin, cout) * (price if layer.in_shape[-1] >= 20 else 1.0) / 10
+    return lookup
+
+
+@pytest.mark.parametrize("price, candidate", [(3.0, True), (50.0, True), (50.0, False)])
+def test_latency_target_keeps_the_candidate_with_the_most_importance_within_the_goal(monkeypatch, price, candidate):
+    """Two allocations, each timed to the goal: the latency knapsack and the importance ranking cut at the MACs
+    that meet it. With a table 3× off on the stem, both land within the goal and the knapsack (importance per
+    millisecond) removes less importance, so it is kept. With a table 50× off, the knapsack strips the stem and
+    still runs over the goal after its timings; the MACs ranking lands on it and is kept, where without
+    ``macs_candidate`` the target is missed."""
+    monkeypatch.setattr(latency_module, "LatencyTable", lambda setting: stem_priced_table(price))
+    monkeypatch.setattr(latency_module, "measure_model_ms", macs_ms)
+    monkeypatch.setattr(FakeTimer, "real_ms", staticmethod(macs_ms))
+    monkeypatch.setattr(prune_module, "PairedTimer", FakeTimer)
+    net = model()
+    goal = 0.5 * macs_ms(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the knapsack alone misses the target (and says so)
+        report = mtprune.prune(net, X, "l1", target_latency=0.5, min_channels=2,
+                               latency={"feedback": 4, "macs_candidate": candidate})
+    lat = report.extra["latency"]
+    if not candidate:
+        assert "candidates" not in lat and macs_ms(net) > 1.05 * goal
+        return
+    c = lat["candidates"]
+    knapsack_within = c["latency"]["measured_ms"] <= 1.05 * goal
+    assert c["macs"]["measured_ms"] == pytest.approx(goal, rel=0.05)
+    if price == 3.0:
+        assert knapsack_within and c["chosen"] == "latency"
+        assert c["latency"]["removed_importance"] < c["macs"]["removed_importance"]
+    else:
+        assert not knapsack_within and c["chosen"] == "macs"
+    assert report.macs_after == c[c["chosen"]]["macs"]  # the model kept is the chosen plan
+    assert macs_ms(net) == pytest.approx(c[c["chosen"]]["measured_ms"])

@@ -68,7 +68,14 @@ from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from .common import Entries, command_line, fingerprint, machine, results_dir
-from .speed_compare import COMPARE, hardware_entry, hardware_fingerprint, prune_time_entry, side_by_side_entry
+from .speed_compare import (
+    COMPARE,
+    SIDE_VERSION,
+    hardware_entry,
+    hardware_fingerprint,
+    prune_time_entry,
+    side_by_side_entry,
+)
 from .speed_compare import markdown as compare_markdown
 
 # label: (zoo model, head, head arguments at width 1); the heads' widths scale with the model's width
@@ -445,7 +452,8 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
                 args = (target, sc.input, sc.batch, sc.repeats, sc.tolerance, MIN_CHANNELS, device,
                         threads or torch.get_num_threads(), cmp, folder / "latency_tables")
                 row = entries.get(f"side_{scale}_{sc.models[label][0]}_{target}",
-                                  lambda label=label, args=args: side_by_side_entry(model(label), *args))
+                                  lambda label=label, args=args: side_by_side_entry(model(label), *args),
+                                  fingerprint("side", SIDE_VERSION))
                 # 5b. hardware widths at MACs t: entries of their own, so that those of section 5 stay valid
                 hw = entries.get(f"side_hw_{scale}_{sc.models[label][0]}_{target}",
                                  lambda label=label, args=args: hardware_entry(model(label), *args),

@@ -54,7 +54,8 @@ VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
 HW_VARIANTS = {"mtprune_macs_hw": {"target_macs": True, "round_to": "measured"},
                "mtprune_macs_hw_ties": {"target_macs": True, "round_to": "measured", "rank_by": "latency"},
                "mtprune_latency_hw": {"target_latency": True, "round_to": "measured"}}
-HW_VERSION = 1  # in the entries' fingerprint: bump when the variants change
+HW_VERSION = 2  # in the entries' fingerprint: bump when the variants change (2: latency.macs_candidate)
+SIDE_VERSION = 2  # section 5's entries' fingerprint (2: the latency row compares two plans, latency.macs_candidate)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
         rows["mtprune_latency"].update({
             "latency_ratio": measured, "within_5pct": abs(measured - target) <= 0.05 * target,
             "predicted_ratio": lat["predicted_ratio"], "prune_s": latency_prune_s, "table": lat["setting"],
-            "feedback": lat["feedback"], "floor": lat.get("floor")})
+            "feedback": lat["feedback"], "floor": lat.get("floor"), "candidates": lat.get("candidates")})
     rows["torch_pruning"]["channel_ratio"] = tp_ratio
     rows["mtprune_macs"]["macs_ratio_reported"] = r_macs.macs_ratio
     for n in nets.values():
@@ -239,7 +240,8 @@ def hardware_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], b
         rows[k].update({"round_to": reports[k].extra.get("round_to"), "prune_s": prune_s[k],
                         "predicted_ratio": lat.get("predicted_ratio"),
                         "predicted_ratio_by_importance": lat.get("predicted_ratio_by_importance"),
-                        "latency_ratio": measured[k], "feedback": lat.get("feedback")})
+                        "latency_ratio": measured[k], "feedback": lat.get("feedback"),
+                        "candidates": lat.get("candidates")})
         if "target_latency" in HW_VARIANTS[k]:
             rows[k]["within_5pct"] = abs(measured[k] - target) <= 0.05 * target
     rows.update({k: {"refused": why, "within_5pct": False} for k, why in refused.items()})
@@ -252,6 +254,14 @@ def hardware_fingerprint(cmp: Compare, min_channels: int, tolerance: float) -> s
     """What section 5b's entries depend on besides their key (model, target): a changed variant reruns them."""
     return fingerprint("side_hw", HW_VERSION, HW_VARIANTS, cmp.table_grid, cmp.table_repeats, cmp.table_warmup,
                        min_channels, tolerance)
+
+
+def _latency_note(row: dict) -> str:
+    """A latency row's measured ratio (predicted), whether it is within 5 % of the target, and which candidate
+    plan ``prune`` kept (``latency.macs_candidate``: the knapsack or the MACs ranking), when it compared two."""
+    kept = {"latency": "knapsack", "macs": "MACs ranking"}.get((row.get("candidates") or {}).get("chosen"))
+    return (f"{row['latency_ratio']:.3f} ({row['predicted_ratio']:.3f}) {'✓' if row['within_5pct'] else '✗'}"
+            + (f", kept: {kept}" if kept else ""))
 
 
 def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
@@ -272,8 +282,7 @@ def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
             if "refused" in v:
                 lines.append(f"| {row['model']} | {row['target']} | {k} | | | | | refused: below the latency floor |")
                 continue
-            extra = (f"{v['latency_ratio']:.3f} ({v['predicted_ratio']:.3f}) {'✓' if v['within_5pct'] else '✗'}"
-                     if k == "mtprune_latency" else "")
+            extra = _latency_note(v) if k == "mtprune_latency" else ""
             lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "
                          f"{v['macs_kept']:.3f} | {v['fidelity']:.2f} | {extra} |")
         hw = row.get("hardware")
@@ -286,8 +295,7 @@ def markdown(side: list[dict], prune_time: list[dict]) -> list[str]:
                                if kind != "default" and b > 1) or "none"
             note = f"beside mtprune_macs {base['fidelity']:.2f}; blocks: {blocks}"
             if "within_5pct" in v:
-                note = (f"{v['latency_ratio']:.3f} ({v['predicted_ratio']:.3f}) {'✓' if v['within_5pct'] else '✗'}; "
-                        + note)
+                note = f"{_latency_note(v)}; {note}"
             elif v.get("predicted_ratio_by_importance") is not None:
                 note += f"; predicted {v['predicted_ratio']:.3f} (ranking {v['predicted_ratio_by_importance']:.3f})"
             lines.append(f"| {row['model']} | {row['target']} | {k} | {v['latency_ms']:.1f} | {v['speedup']:.2f}× | "

@@ -37,6 +37,12 @@ def _normalized(scores: Tensor, how: str) -> Tensor:
     return scores
 
 
+def removed_importance(scores: Mapping[int, Tensor], plan: Plan, normalize: str = "none") -> float:
+    """The importance a plan removes: the sum of its channels' scores, normalized per group as the global
+    ranking compares them (``normalize``)."""
+    return float(sum(_normalized(scores[g].float(), normalize)[idx].sum() for g, idx in plan.items() if idx))
+
+
 def _cap(group: ChannelGroup, min_channels: int) -> int:
     return max(group.channels - max(min_channels, 1), 0)
 

@@ -56,7 +56,7 @@ from ..utils.inputs import call_model, first_samples, map_tensors
 from .cost import CostModel, LayerShape, Plan
 
 __all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "PairedTimer", "check_floor", "hardware_round_to",
-           "interleaved_times", "latency_model", "median_ratios", "model_latency"]
+           "interleaved_times", "latency_model", "median_ratios", "model_latency", "pick_by_importance"]
 
 Table = Callable[[LayerShape, int, int], float]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,8 +73,10 @@ class LatencySetting:
     current ``torch.get_num_threads()``), ``batch``, ``dtype`` ("float32", "float16", "bfloat16"), ``grid``
     points per width dimension, ``warmup``/``repeats`` per timing, the cache folder, whether the dense model is
     timed to calibrate the table, ``feedback``: how many times at most the pruned configuration is built and
-    timed to correct the goal when the prediction misses (0: trust the table), and an optional injected ``table``
-    (no timing at all)."""
+    timed to correct the goal when the prediction misses (0: trust the table), ``macs_candidate``: with feedback and
+    the global allocator, also time the importance ranking cut at the MACs that meet the goal, and keep whichever
+    plan keeps more importance (:func:`pick_by_importance`), and an optional injected ``table`` (no timing at
+    all)."""
 
     device: str = "cpu"
     threads: int | None = None
@@ -86,6 +88,7 @@ class LatencySetting:
     cache_dir: str | None = None
     calibrate: bool = True
     feedback: int = 4
+    macs_candidate: bool = True
     table: Table | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -120,6 +123,8 @@ class LatencySetting:
             raise MTPruneInputError(f"latency dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.feedback, bool) or not isinstance(self.feedback, int) or self.feedback < 0:
             raise MTPruneInputError(f"latency feedback must be an int >= 0, got {self.feedback!r}")
+        if not isinstance(self.macs_candidate, bool):
+            raise MTPruneInputError(f"latency macs_candidate must be true or false, got {self.macs_candidate!r}")
         for name in ("batch", "grid", "repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "grid" else 1):
@@ -529,6 +534,16 @@ def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds:
         return plan, trials
     trials[best[2]]["chosen"] = True
     return best[1], trials
+
+
+def pick_by_importance(goal_ms: float, candidates: Mapping[str, tuple[float, float]], slack: float = 0.05) -> str:
+    """The candidate plan to keep at a latency goal: ``candidates[name] = (measured_ms, importance_removed)``.
+    Among those measured no more than ``slack`` over the goal, the one that removed the least importance (HALP's
+    objective, Shen et al., NeurIPS 2022: the most importance within the latency); if none is, the fastest."""
+    within = [k for k, (ms, _) in candidates.items() if ms <= goal_ms * (1 + slack)]
+    if within:
+        return min(within, key=lambda k: candidates[k][1])
+    return min(candidates, key=lambda k: candidates[k][0])
 
 
 def _next_ask(points: list[tuple[float, float]], goal: float) -> float:

@@ -24,12 +24,20 @@ from ..tasks.base import Task
 from ..utils.errors import MTPruneInputError
 from ..utils.inputs import first_samples, input_spec
 from ..utils.runtime import eval_mode
-from .allocate import Plan, group_round_to, plan_for_cost, plan_near_ties, plan_removal
+from .allocate import Plan, group_round_to, plan_for_cost, plan_near_ties, plan_removal, removed_importance
 from .blocking import device_round_to
 from .cost import CostModel
 from .criteria import Criterion, get_criterion
 from .graph import PruningGraph
-from .latency import LatencySetting, PairedTimer, check_floor, close_the_loop, hardware_round_to, latency_model
+from .latency import (
+    LatencySetting,
+    PairedTimer,
+    check_floor,
+    close_the_loop,
+    hardware_round_to,
+    latency_model,
+    pick_by_importance,
+)
 from .stats import StatisticsEngine, static_stats
 
 
@@ -201,6 +209,30 @@ def search_fraction(graph: PruningGraph, scores: Mapping[int, Tensor], cost: Cal
     return best[1], best[2]
 
 
+def _against_macs_ranking(goal_ms: float, found: tuple[Plan, float], by_macs: Callable[[float], Plan],
+                          measure: Callable[[Plan], float], cost: CostModel, scores: Mapping[int, Tensor],
+                          normalize: str, rounds: int, known: list[tuple[float, float]]
+                          ) -> tuple[Plan, float, dict[str, object]]:
+    """The latency knapsack's plan (``found``: the plan and its measured ms) against the importance ranking cut at
+    the MACs whose measured latency meets the goal (``close_the_loop`` asking in MACs; ``known``: the dense
+    model's and the floor's (MACs, ms) pairs). The table can mislead the knapsack into cutting more importance than
+    a plain MACs cut of the same real latency; the plan that keeps more importance within the goal is returned
+    (:func:`~.latency.pick_by_importance`), with its measured ms and both candidates' figures."""
+    plan, reached = found
+    dense_macs, dense_ms = known[0]
+    ranked, trials = close_the_loop(goal_ms, by_macs(goal_ms / dense_ms * dense_macs), by_macs, measure, rounds,
+                                    floor_ms=known[1][0], known=known)
+    ranked_ms = next(t["measured_ms"] for t in trials if t.get("chosen"))
+    out: dict[str, object] = {
+        "latency": {"measured_ms": reached, "removed_importance": removed_importance(scores, plan, normalize),
+                    "macs": cost.macs(plan)},
+        "macs": {"measured_ms": ranked_ms, "removed_importance": removed_importance(scores, ranked, normalize),
+                 "macs": cost.macs(ranked), "feedback": trials}}
+    out["chosen"] = pick_by_importance(goal_ms, {k: (v["measured_ms"], v["removed_importance"])
+                                                 for k, v in out.items()})
+    return (ranked, ranked_ms, out) if out["chosen"] == "macs" else (plan, reached, out)
+
+
 def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion = "l1", *,
           target_macs: float | None = None, target_params: float | None = None,
           channel_ratio: float | None = None, data: Iterable | None = None, losses: Mapping | None = None,
@@ -350,12 +382,21 @@ def prune(model: nn.Module, example_inputs: Tensor, criterion: str | Criterion =
                                           floor_ms=floor["predicted_ms"],
                                           known=[(lat.dense_ms, lat.dense_ms), (floor["predicted_ms"],
                                                                                  floor["measured_ms"])])
+        reached = next((t["measured_ms"] for t in trials if t.get("chosen")), lat.predict(plan))
+        candidates: dict[str, object] = {}
+        if timer is not None and lat_setting.macs_candidate and allocator == "global":
+            def by_macs(macs: float) -> Plan:
+                return search_fraction(graph, scores, cost.macs, macs, plan_kw, tolerance)[0]
+
+            plan, reached, candidates = _against_macs_ranking(
+                goal, (plan, reached), by_macs, measure, cost, scores, plan_kw["normalize"], lat_setting.feedback,
+                known=[(macs0, lat.dense_ms), (cost.macs(thinnest), floor["measured_ms"])])
         fraction = sum(len(v) for v in plan.values()) / sum(g.channels for g in graph.groups if g.index in scores)
         predicted = lat.predict(plan)
         extra["latency"] = {**lat.describe(), "goal_ms": goal, "predicted_ms": predicted,
                             "predicted_ratio": predicted / lat.dense_ms, "feedback": trials,
-                            "floor": {**floor, "predicted_ratio": floor["predicted_ms"] / lat.dense_ms}}
-        reached = next((t["measured_ms"] for t in trials if t.get("chosen")), predicted)
+                            "floor": {**floor, "predicted_ratio": floor["predicted_ms"] / lat.dense_ms},
+                            **({"candidates": candidates} if candidates else {})}
         if abs(reached - goal) > max(10 * tolerance, 0.05) * goal:
             what = "measured" if trials else "predicted"
             warnings.warn(f"{name}={value} was not reached: the {what} latency is {reached:.3f} ms against "
