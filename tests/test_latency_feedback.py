@@ -55,6 +55,20 @@ def test_close_the_loop_converges_and_keeps_the_best_plan():
     assert plan == {"ask": 10.0} and len(trials) == 1  # no timing left to check a corrected plan: keep the timed one
 
 
+def test_close_the_loop_asks_in_the_replans_unit():
+    """A replan that asks in MACs (the MACs-ranking candidate): real ms = 5 + 95 · (MACs / 1e9)^0.5, so the first
+    cut (linear in MACs: 0.3e9 for 30 ms) runs at 57 ms. The loop must bracket in MACs, with the dense and floor
+    pairs, and land on the goal; taking the goal's 30 (ms) for the first ask would stop it after one timing."""
+    def real_ms(plan):
+        return 5 + 95 * (plan["macs"] / 1e9) ** 0.5
+
+    known = [(1e9, 100.0), (1e6, real_ms({"macs": 1e6}))]
+    plan, trials = close_the_loop(30.0, {"macs": 0.3e9}, lambda m: {"macs": m}, real_ms, rounds=6,
+                                  floor_ms=1e6, known=known, first_ask=0.3e9)
+    assert trials[0]["asked_ms"] == 0.3e9 and len(trials) > 1
+    assert real_ms(plan) == pytest.approx(30.0, rel=0.02)
+
+
 DENSE_TABLE_MS = table_ms(model())
 
 

@@ -54,8 +54,8 @@ VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
 HW_VARIANTS = {"mtprune_macs_hw": {"target_macs": True, "round_to": "measured"},
                "mtprune_macs_hw_ties": {"target_macs": True, "round_to": "measured", "rank_by": "latency"},
                "mtprune_latency_hw": {"target_latency": True, "round_to": "measured"}}
-HW_VERSION = 2  # in the entries' fingerprint: bump when the variants change (2: latency.macs_candidate)
-SIDE_VERSION = 2  # section 5's entries' fingerprint (2: the latency row compares two plans, latency.macs_candidate)
+HW_VERSION = 3  # in the entries' fingerprint: bump when the variants change (2: macs_candidate; 3: its loop in MACs)
+SIDE_VERSION = 3  # section 5's entries' fingerprint (2: the latency row compares two plans; 3: the MACs loop fixed)
 
 
 @dataclass(frozen=True)

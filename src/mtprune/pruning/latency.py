@@ -493,13 +493,15 @@ def setting_dict(setting: LatencySetting) -> dict[str, Any]:
 
 def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds: int,
                    tolerance: float = 0.02, floor_ms: float | None = None,
-                   known: Sequence[tuple[float, float]] = ()) -> tuple[Any, list[dict[str, float]]]:
+                   known: Sequence[tuple[float, float]] = (), first_ask: float | None = None
+                   ) -> tuple[Any, list[dict[str, float]]]:
     """Correct a latency plan with real timings: time the pruned configuration (``measure(plan)`` in ms; in
     ``prune``, its ratio to the dense model timed alongside, :class:`PairedTimer`, times the dense latency); while
     it misses ``goal_ms`` by more than ``tolerance``, ask the allocator for another predicted latency
     (``replan(ms)``, chosen by :func:`_next_ask` from the trials and the ``known`` (asked, measured) pairs: the
     dense model, asked its own predicted latency, measures the dense latency; the floor's pair when it was timed);
-    at most ``rounds`` timings.
+    at most ``rounds`` timings. Asks are in ``replan``'s unit: ``first_ask`` is what ``plan`` was asked with (by
+    default ``goal_ms``: the allocator asked the goal itself; a MACs-asking replan passes the MACs it cut at).
     Asks never go below ``floor_ms`` (the predicted latency with every prunable layer at its minimum width), and
     the loop stops when a request at least 5 % lower bought less than 1 % of real latency: the latency has
     stopped falling, and asking for less would only remove MACs. Returns the plan measured closest to the goal
@@ -508,7 +510,7 @@ def close_the_loop(goal_ms: float, plan: Any, replan: Any, measure: Any, rounds:
     effects, thin layers' fixed costs); this loop, not the table, is what brings the real latency within a few %."""
     trials: list[dict[str, float]] = []
     best: tuple[tuple[bool, float], Any, int] | None = None
-    ask = goal_ms
+    ask = goal_ms if first_ask is None else first_ask
     for _ in range(rounds):
         got = float(measure(plan))
         trials.append({"asked_ms": ask, "measured_ms": got})

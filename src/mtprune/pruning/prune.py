@@ -220,8 +220,10 @@ def _against_macs_ranking(goal_ms: float, found: tuple[Plan, float], by_macs: Ca
     (:func:`~.latency.pick_by_importance`), with its measured ms and both candidates' figures."""
     plan, reached = found
     dense_macs, dense_ms = known[0]
-    ranked, trials = close_the_loop(goal_ms, by_macs(goal_ms / dense_ms * dense_macs), by_macs, measure, rounds,
-                                    floor_ms=known[1][0], known=known)
+    first = goal_ms / dense_ms * dense_macs
+    ranked, trials = close_the_loop(goal_ms, by_macs(first), by_macs, measure, rounds, floor_ms=known[1][0],
+                                    known=known, first_ask=first)
+    trials = [{("asked_macs" if k == "asked_ms" else k): v for k, v in t.items()} for t in trials]
     ranked_ms = next(t["measured_ms"] for t in trials if t.get("chosen"))
     out: dict[str, object] = {
         "latency": {"measured_ms": reached, "removed_importance": removed_importance(scores, plan, normalize),
