@@ -48,6 +48,7 @@ def test_a_latency_model_slower_than_its_target_gets_no_verdict():
     slow = judge(_row((2.0, 2.0 * (1 - LATENCY_MATCH) - 0.01), (-3.0, -1.0)))
     assert slow["latency_matched"] is False and slow["latency_no_worse"] is None
     fair = judge(_row((2.0, 1.95), (-3.0, -1.0)))
+    fair["equal_latency"]["prediction"] = {"candidates": {"chosen": "macs"}}  # the plan the target kept is named
     assert fair["latency_matched"] is True and fair["latency_no_worse"] is True
     worse = judge(_row((2.0, 2.2), (-1.0, -3.0)))
     assert worse["latency_matched"] is True and worse["latency_no_worse"] is False
@@ -58,3 +59,4 @@ def test_a_latency_model_slower_than_its_target_gets_no_verdict():
                      "machine": {"threads": 2, "device": "cpu", "torch": "x", "date": "d"},
                      "no_worse": 1, "of": 2, "unmatched": 1, "refused": 1, "latency_match": LATENCY_MATCH})
     assert "in 1 of 2 matched rows; 1 rows not matched" in text and "| no | – |" in text
+    assert "-1.00 (MACs ranking) | yes | yes |" in text

@@ -35,6 +35,9 @@ from .common import Entries, fingerprint, machine, results_dir
 from .criteria import SCALES, STATS_BATCHES, _config, _Setup, settled_dense
 
 CRITERION = "task_taylor"
+#: in the entries' fingerprint (2: the latency target also times the MACs ranking cut at the goal,
+#: ``latency.macs_candidate``, and keeps the plan with the most importance within it)
+VERSION = 2
 TABLE = {"small": {"grid": 2, "repeats": 1, "warmup": 0}, "cpu": {"grid": 6, "repeats": 5, "warmup": 2},
          "gpu": {"grid": 6, "repeats": 10, "warmup": 3}}
 
@@ -120,7 +123,7 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         setting = _setting(scale, setup, folder / "latency_tables")
         for target in targets:
             key = f"quality_{target}_s{seed}"
-            fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting)
+            fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting, VERSION)
             rows.append(judge(entries.get(key, lambda s=setup, t=target, k=key, st=setting: quality_entry(
                 s, t, ft_epochs, runs / k, st), fp)))  # judged here, so stored rows follow the current rule
     result = {"suite": "latency_quality", "scale": scale, "machine": machine(), "criterion": CRITERION,
@@ -139,7 +142,8 @@ def markdown(r: dict) -> str:
     lines = [f"# latency_quality ({r['scale']})", "",
              f"`{r['criterion']}`, one-shot, fine-tuned {r['finetune_epochs']} epochs alike; {m['threads']} threads "
              f"on {m['device']}, torch {m['torch']}, {m['date']}. Equal latency = the latency target is the measured "
-             "latency of the model pruned at equal MACs.", "",
+             "latency of the model pruned at equal MACs; in brackets, the plan the latency target kept (the latency "
+             "knapsack, or the importance ranking cut at the MACs that meet the goal).", "",
              "| MACs target | seed | dense ms | equal MACs: ms, speed-up, MACs kept, Δm | equal latency: ms, "
              "speed-up, MACs kept, Δm | latency matched | no worse |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
@@ -150,8 +154,10 @@ def markdown(r: dict) -> str:
             lines.append(first + f"refused: {b['refused'].split(':')[0]} | | |")
             continue
         verdict = "–" if row["latency_no_worse"] is None else ("yes" if row["latency_no_worse"] else "no")
+        kept = ((b.get("prediction") or {}).get("candidates") or {}).get("chosen")
+        plan = {"macs": " (MACs ranking)", "latency": " (knapsack)"}.get(kept, "")
         lines.append(first + f"{b['measured_ms']:.1f}, {b['speedup']:.2f}×, {b['macs_kept']:.3f}, "
-                     f"{b['delta_m']:+.2f} | {'yes' if row['latency_matched'] else 'no'} | {verdict} |")
+                     f"{b['delta_m']:+.2f}{plan} | {'yes' if row['latency_matched'] else 'no'} | {verdict} |")
     match = r.get("latency_match", LATENCY_MATCH)
     lines += ["", f"Latency matched: the latency-targeted model's measured speed-up is at most {match:.0%} below the "
               "equal-MACs model's; only matched rows are judged. At equal latency, Δm no worse than at equal MACs "
