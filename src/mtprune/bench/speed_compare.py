@@ -4,7 +4,7 @@
    MACs t (``l1``, global ranking), mtprune at latency t (``target_latency=t``: a latency table measured on the
    benchmark's device, threads and batch, widths rounded to the device's channel blocking, ``round_to="auto"``),
    and Torch-Pruning's ``MetaPruner`` (magnitude, one uniform channel ratio found by bisection so that its MACs
-   match t). The four forwards are timed in rotation by ``latency.interleaved_times`` (the timing function of the
+   match t). The four forwards are timed in rotation by ``latency.times_to_precision`` (the timing function of the
    latency targets' feedback loop too), so that load drift hits all alike; the table gives each one's minimum and
    the median per-round speed-up over dense. **Fidelity** is speed-up × MACs kept (1.0: latency falls exactly as
    MACs do). The latency row also says whether the measured latency ratio (median per-round ratio to dense, as
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pruning.graph import PruningGraph, torch_pruning_magnitude
-from ..pruning.latency import interleaved_times, median_ratios
+from ..pruning.latency import median_ratios, times_to_precision
 from ..pruning.prune import count, prune
 from ..utils.errors import MTPruneInputError
 from .common import fingerprint
@@ -54,8 +54,9 @@ VARIANTS = ("dense", "mtprune_macs", "mtprune_latency", "torch_pruning")
 HW_VARIANTS = {"mtprune_macs_hw": {"target_macs": True, "round_to": "measured"},
                "mtprune_macs_hw_ties": {"target_macs": True, "round_to": "measured", "rank_by": "latency"},
                "mtprune_latency_hw": {"target_latency": True, "round_to": "measured"}}
-HW_VERSION = 3  # in the entries' fingerprint: bump when the variants change (2: macs_candidate; 3: its loop in MACs)
-SIDE_VERSION = 3  # section 5's entries' fingerprint (2: the latency row compares two plans; 3: the MACs loop fixed)
+HW_VERSION = 4  # in the entries' fingerprint: bump when the variants change (3: MACs loop fixed; 4: timed to 2 %)
+SIDE_VERSION = 4  # section 5's entries' fingerprint (2: two plans; 3: the MACs loop fixed; 4: timed to 2 %)
+TIMING_PRECISION = 0.02  # relative standard error of the rotation's ratios to dense (latency.times_to_precision)
 
 
 @dataclass(frozen=True)
@@ -188,17 +189,19 @@ def side_by_side_entry(dense: nn.Module, target: float, input_hw: tuple[int, int
 def _timed_rows(nets: dict[str, nn.Module], x1: Tensor, batch: int, macs0: int, repeats: int,
                 device: torch.device) -> tuple[dict, dict]:
     """Time ``nets`` (``"dense"`` among them) in rotation on a batch shaped like ``x1`` with
-    ``latency.interleaved_times``, the feedback loop's timing function; per net: minimum ms, median per-round
-    speed-up over dense, MACs kept, fidelity. The nets are left on ``device`` in eval mode."""
+    ``latency.times_to_precision``, the feedback loop's timing function (``repeats`` rounds, up to twice that
+    while a ratio to dense is less certain than 2 %); per net: minimum ms, median per-round speed-up over dense,
+    MACs kept, fidelity, rounds timed. The nets are left on ``device`` in eval mode."""
     kept = {k: count(n, x1)[1] / macs0 for k, n in nets.items()}
     xb = torch.rand(batch, *x1.shape[1:], device=device)
     nets = {k: n.to(device).eval() for k, n in nets.items()}
-    times = interleaved_times({k: (lambda n=n: n(xb)) for k, n in nets.items()}, repeats, device=device)
+    times = times_to_precision({k: (lambda n=n: n(xb)) for k, n in nets.items()}, "dense", repeats,
+                               precision=TIMING_PRECISION, max_rounds=2 * repeats, device=device)
     rows = {}
     for k in nets:
         speedup = statistics.median(d / p for d, p in zip(times["dense"], times[k], strict=True))
         rows[k] = {"latency_ms": min(times[k]), "speedup": speedup, "macs_kept": kept[k],
-                   "fidelity": speedup * kept[k]}
+                   "fidelity": speedup * kept[k], "rounds": len(times[k])}
     return rows, times
 
 
@@ -213,7 +216,7 @@ def hardware_entry(dense: nn.Module, target: float, input_hw: tuple[int, int], b
                    tolerance: float, min_channels: int, device: torch.device, threads: int, cmp: Compare,
                    table_dir: Path) -> dict:
     """Section 5b: dense, mtprune at MACs ``target`` (as in section 5) and the ``HW_VARIANTS`` at the same
-    target, timed in rotation (``interleaved_times``). Each row: minimum ms, median per-round speed-up over dense,
+    target, timed in rotation (``times_to_precision``). Each row: minimum ms, median per-round speed-up over dense,
     MACs kept, fidelity; the hardware rows also the blocks found (``round_to``) and the latency predicted by the
     table for their plan and for the importance ranking's (``rank_by="latency"``)."""
     h, w = input_hw

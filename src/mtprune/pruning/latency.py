@@ -75,8 +75,9 @@ class LatencySetting:
     timed to calibrate the table, ``feedback``: how many times at most the pruned configuration is built and
     timed to correct the goal when the prediction misses (0: trust the table), ``macs_candidate``: with feedback and
     the global allocator, also time the importance ranking cut at the MACs that meet the goal, and keep whichever
-    plan keeps more importance (:func:`pick_by_importance`), and an optional injected ``table`` (no timing at
-    all)."""
+    plan keeps more importance (:func:`pick_by_importance`), ``precision``: the relative standard error the
+    feedback's paired timings aim at (rounds added up to 4 × ``repeats``, :func:`times_to_precision`; 0: one block),
+    and an optional injected ``table`` (no timing at all)."""
 
     device: str = "cpu"
     threads: int | None = None
@@ -89,6 +90,7 @@ class LatencySetting:
     calibrate: bool = True
     feedback: int = 4
     macs_candidate: bool = True
+    precision: float = 0.02
     table: Table | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -123,6 +125,9 @@ class LatencySetting:
             raise MTPruneInputError(f"latency dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.feedback, bool) or not isinstance(self.feedback, int) or self.feedback < 0:
             raise MTPruneInputError(f"latency feedback must be an int >= 0, got {self.feedback!r}")
+        if isinstance(self.precision, bool) or not isinstance(self.precision, int | float) \
+                or not 0 <= self.precision < 1:
+            raise MTPruneInputError(f"latency precision must be a number in [0, 1), got {self.precision!r}")
         if not isinstance(self.macs_candidate, bool):
             raise MTPruneInputError(f"latency macs_candidate must be true or false, got {self.macs_candidate!r}")
         for name in ("batch", "grid", "repeats"):
@@ -403,6 +408,38 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm
     return times
 
 
+def times_to_precision(fns: Mapping[str, Callable[[], Any]], reference: str, rounds: int, *,
+                       precision: float = 0.0, max_rounds: int | None = None,
+                       device: torch.device | str | None = None, clock: Clock = time.perf_counter
+                       ) -> dict[str, list[float]]:
+    """:func:`interleaved_times` in blocks of ``rounds`` rounds, more blocks while some function's median ratio to
+    ``reference`` (:func:`median_ratios`) is less certain than ``precision`` (relative standard error, estimated
+    robustly as 1.2533 × 1.4826 × MAD of the per-round ratios / √n / median), up to ``max_rounds`` (default 4 ×
+    ``rounds``); ``precision`` 0: one block. On a shared 2-core machine one block of 5 paired rounds leaves the
+    ratio about 5 % uncertain, which is the whole tolerance of a latency target."""
+    limit = max(rounds, max_rounds if max_rounds is not None else 4 * rounds)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    while True:
+        block = interleaved_times(fns, min(rounds, limit - len(times[reference])), device=device, clock=clock)
+        for k, v in block.items():
+            times[k].extend(v)
+        if precision <= 0 or len(times[reference]) >= limit or ratio_error(times, reference) <= precision:
+            return times
+
+
+def ratio_error(times: Mapping[str, Sequence[float]], reference: str) -> float:
+    """The largest relative standard error of the functions' median ratios to ``reference`` (0 for one round)."""
+    ref, worst = times[reference], 0.0
+    for k, v in times.items():
+        if k == reference or len(v) < 2:
+            continue
+        ratios = [t / r for t, r in zip(v, ref, strict=True)]
+        mid = statistics.median(ratios)
+        mad = statistics.median(abs(x - mid) for x in ratios)
+        worst = max(worst, 1.2533 * 1.4826 * mad / math.sqrt(len(ratios)) / mid)
+    return worst
+
+
 def median_ratios(times: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
     """Per function, the median over rounds of its time / the ``reference``'s time in the same round (the
     reference's own ratio is 1). Speed-ups are the inverses."""
@@ -432,8 +469,9 @@ class PairedTimer:
     Each call times the reference and the candidate with :func:`interleaved_times` for ``rounds`` rounds (default
     ``max(setting.repeats, 5)``) in the setting (device, dtype, threads, batch), on :func:`timing_inputs`, and
     returns ``ratio`` (median over rounds of candidate / reference, :func:`median_ratios`), and the medians
-    ``reference_ms`` and ``candidate_ms``. The reference is copied once; a candidate is moved to the device as it
-    is (pass a copy you can spare)."""
+    ``reference_ms`` and ``candidate_ms``; with ``setting.precision`` the rounds are repeated (up to 4 times) until
+    the ratio is that certain (:func:`times_to_precision`), ``rounds_timed`` says how many were. The reference is
+    copied once; a candidate is moved to the device as it is (pass a copy you can spare)."""
 
     def __init__(self, reference: nn.Module, example_inputs: Any, setting: LatencySetting,
                  rounds: int | None = None, clock: Clock = time.perf_counter) -> None:
@@ -447,10 +485,11 @@ class PairedTimer:
         fns = {"reference": lambda: call_model(self.reference, self.inputs),
                "candidate": lambda: call_model(net, self.inputs)}
         with _Threads(self.setting.threads):
-            times = interleaved_times(fns, self.rounds, device=self.setting.torch_device, clock=self.clock)
+            times = times_to_precision(fns, "reference", self.rounds, precision=self.setting.precision,
+                                       device=self.setting.torch_device, clock=self.clock)
         return {"ratio": median_ratios(times, "reference")["candidate"],
                 "reference_ms": statistics.median(times["reference"]),
-                "candidate_ms": statistics.median(times["candidate"])}
+                "candidate_ms": statistics.median(times["candidate"]), "rounds_timed": len(times["reference"])}
 
 
 def check_floor(target: str, value: float, goal_ms: float, floor: Mapping[str, float], dense_ms: float,
