@@ -15,7 +15,7 @@ from PIL import Image
 from mtprune import data as D
 from mtprune.bench import merge_suites as M
 from mtprune.data.synthetic_scenes import scene_attributes
-from mtprune.merging.experiment import load_merge_config, run_merge, tasks_of
+from mtprune.merging.experiment import load_merge_config, render_report, run_merge, tasks_of
 from mtprune.tasks import ClassificationTask, MultiLabelTask
 from mtprune.utils.errors import MTPruneInputError
 
@@ -146,6 +146,8 @@ def test_presence_entries_in_both_suites(suites):
     b = pam_run["budgets"]["pam"]
     assert entry["settings"] and M.PRESENCE_PAM_LADDER == "per_task" and b["budget_met"]
     assert set(b["per_task"]) == {"low", "high"} and b["joint"]["fraction"] >= b["fraction"]
+    assert b["per_task_finetune"] == M.PRESENCE_PER_TASK_FINETUNE == "joint"  # the report says how they trained
+    assert "other branches protected, the whole network fine-tuned on every loss" in render_report(pam_run, "")
     joint = pam_run["pam_joint"]
     assert joint["no_merge_over_pam"]["low+high"] == pytest.approx(pam["joint_only"]["no_merge_over_pam_all_tasks"])
     assert "The joint ladder alone" in text and "per-task walks" in text

@@ -477,6 +477,7 @@ def _run(cfg: MergeConfig, run_dir: Path, quiet: bool, resume: bool, reuse: Mapp
                                        dense_shared)
         budgets["pam"] = {**budgets["pam"], "fraction": macs(pam_p) / dense["pam"], "acc": walk["acc"],
                           "per_task": walk["walks"], "joint": {k: joint[k] for k in ("fraction", "acc")},
+                          "per_task_finetune": cfg.prune.per_task_finetune,
                           **({"shared_walk": walk["shared_walk"]} if "shared_walk" in walk else {})}
 
     x = r.example.expand(cfg.cost.batch_size, *r.example.shape[1:]).contiguous()
@@ -571,10 +572,11 @@ def render_report(summary: Mapping[str, Any], partition_table: str) -> str:
                                                else [])]
         then = ("; then the shared trunk walked alone, every branch protected (fractions of the trunk's MACs)"
                 if "shared_walk" in pam_b else "")
+        how = {"branch": "protected and frozen", "joint": "protected, the whole network fine-tuned on every loss"
+               }.get(pam_b.get("per_task_finetune"), "protected")
         lines += ["", f"PAM's joint ladder (the whole merged network) stopped at {j['fraction']:.3f} of its MACs "
                   f"({_fmt_acc(j['acc'])}); then each task's exclusive part walked the ladder alone, the shared "
-                  f"trunk and the other branches protected and frozen (fractions of the task's exclusive MACs){then}:",
-                  ""]
+                  f"trunk and the other branches {how} (fractions of the task's exclusive MACs){then}:", ""]
         for t, steps in walks:
             marks = [("bisect " if st.get("refine") else "") + f"{st['fraction']:.2f} "
                      + ("refused" if "error" in st else "✓" if st["ok"] else "✗") for st in steps]
