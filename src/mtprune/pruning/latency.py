@@ -415,8 +415,8 @@ def times_to_precision(fns: Mapping[str, Callable[[], Any]], reference: str, rou
     """:func:`interleaved_times` in blocks of ``rounds`` rounds, more blocks while some function's median ratio to
     ``reference`` (:func:`median_ratios`) is less certain than ``precision`` (relative standard error, estimated
     robustly as 1.2533 × 1.4826 × MAD of the per-round ratios / √n / median), up to ``max_rounds`` (default 4 ×
-    ``rounds``); ``precision`` 0: one block. On a shared 2-core machine one block of 5 paired rounds leaves the
-    ratio about 5 % uncertain, which is the whole tolerance of a latency target."""
+    ``rounds``); ``precision`` 0: one block. On the 2-core benchmark machine two 5-round timings of one plan
+    came out 43.3 and 50.3 ms: more than the whole 5 % tolerance of a latency target."""
     limit = max(rounds, max_rounds if max_rounds is not None else 4 * rounds)
     times: dict[str, list[float]] = {k: [] for k in fns}
     while True:
@@ -433,7 +433,7 @@ def ratio_error(times: Mapping[str, Sequence[float]], reference: str) -> float:
     for k, v in times.items():
         if k == reference or len(v) < 2:
             continue
-        ratios = [t / r for t, r in zip(v, ref, strict=True)]
+        ratios = _round_ratios(v, ref)
         mid = statistics.median(ratios)
         mad = statistics.median(abs(x - mid) for x in ratios)
         worst = max(worst, 1.2533 * 1.4826 * mad / math.sqrt(len(ratios)) / mid)
@@ -443,8 +443,12 @@ def ratio_error(times: Mapping[str, Sequence[float]], reference: str) -> float:
 def median_ratios(times: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
     """Per function, the median over rounds of its time / the ``reference``'s time in the same round (the
     reference's own ratio is 1). Speed-ups are the inverses."""
-    ref = times[reference]
-    return {k: statistics.median(t / r for t, r in zip(v, ref, strict=True)) for k, v in times.items()}
+    return {k: statistics.median(_round_ratios(v, times[reference])) for k, v in times.items()}
+
+
+def _round_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Per round, a function's time over the reference's time in the same round."""
+    return [t / r for t, r in zip(times, reference, strict=True)]
 
 
 def timing_inputs(example_inputs: Any, setting: LatencySetting, seed: int = 0) -> Any:
