@@ -189,6 +189,21 @@ def test_figures_markdown_and_resume(small):
     # finished entries are read back, not measured again (a new timing would differ)
     assert again["latency"] == first["latency"]
     assert again["stats_engine"] == first["stats_engine"]
+    assert first["machine"]["cpu"] in md  # the CPU named with its instruction set: timings depend on both
+
+
+def test_resume_on_another_machine_measures_again(small, monkeypatch):
+    """A timed entry stored on one machine is not mixed into another machine's table: its fingerprint names the
+    device, so --resume elsewhere measures it again."""
+    out, _ = small
+    entries = sorted((out / "entries").glob("*.json"))
+    timed = ("latency_", "side_", "floor_", "prune_time_", "stats_engine_")
+    before = {p.name: json.loads(p.read_text()).get("fingerprint") for p in entries if p.name.startswith(timed)}
+    assert before and all(before.values())
+    monkeypatch.setattr("mtprune.bench.common.device_name", lambda device="cpu": "Other CPU (x86_64 AVX512)")
+    run_suite("speed", scale="small", out=str(out), threads=1, resume=True)
+    after = {name: json.loads((out / "entries" / name).read_text())["fingerprint"] for name in before}
+    assert all(after[name] != before[name] for name in before)
 
 
 class _Spy(Criterion):

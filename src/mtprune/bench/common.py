@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,17 +12,30 @@ from pathlib import Path
 import torch
 
 from ..utils.atomic import atomic_write_json
+from ..utils.runtime import device_name
 
 
 def machine() -> dict:
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": device_name("cpu"),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
+
+
+def where(m: dict) -> str:
+    """The device of a result's ``machine`` record, in words: the GPU, or the CPU's model and instruction set."""
+    return m.get("cpu", "cpu") if m["device"] == "cpu" else m["device"]
+
+
+def timing_identity(device: str | torch.device, threads: int | None = None) -> dict:
+    """What a timed entry's figures depend on besides its settings: the device named (the CPU's model and
+    instruction set, or the GPU), the threads and torch. In a timed entry's fingerprint, so that ``--resume`` on
+    another machine times it again instead of mixing two machines' figures in one table."""
+    return {"device": device_name(device), "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
 
 
 def command_line(suite: str) -> str:

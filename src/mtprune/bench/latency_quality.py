@@ -31,7 +31,7 @@ from ..tasks import delta_m
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
 from ..utils.runtime import seed_everything
-from .common import Entries, fingerprint, machine, results_dir
+from .common import Entries, fingerprint, machine, results_dir, timing_identity, where
 from .criteria import SCALES, STATS_BATCHES, _config, _Setup, settled_dense
 
 CRITERION = "task_taylor"
@@ -124,7 +124,8 @@ def run(scale: str = "cpu", out=None, threads: int | None = 2, resume: bool = Fa
         setting = _setting(scale, setup, folder / "latency_tables")
         for target in targets:
             key = f"quality_{target}_s{seed}"
-            fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting, VERSION)
+            fp = fingerprint(*base, ft_epochs, STATS_BATCHES, CRITERION, setting, VERSION,
+                             timing_identity(setting["device"], setting["threads"]))
             rows.append(judge(entries.get(key, lambda s=setup, t=target, k=key, st=setting: quality_entry(
                 s, t, ft_epochs, runs / k, st), fp)))  # judged here, so stored rows follow the current rule
     result = {"suite": "latency_quality", "scale": scale, "machine": machine(), "criterion": CRITERION,
@@ -142,7 +143,7 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"# latency_quality ({r['scale']})", "",
              f"`{r['criterion']}`, one-shot, fine-tuned {r['finetune_epochs']} epochs alike; {m['threads']} threads "
-             f"on {m['device']}, torch {m['torch']}, {m['date']}. Equal latency = the latency target is the measured "
+             f"on {where(m)}, torch {m['torch']}, {m['date']}. Equal latency = the latency target is the measured "
              "latency of the model pruned at equal MACs; in brackets, the plan the latency target kept (the latency "
              "knapsack, or the importance ranking cut at the MACs that meet the goal).", "",
              "| MACs target | seed | dense ms | equal MACs: ms, speed-up, MACs kept, Δm | equal latency: ms, "

@@ -67,7 +67,7 @@ from ..sparsity.storage import stored_size
 from ..tasks import preset
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from ..utils.errors import MTPruneInputError
-from .common import Entries, command_line, fingerprint, machine, results_dir
+from .common import Entries, command_line, fingerprint, machine, results_dir, timing_identity, where
 from .speed_compare import (
     COMPARE,
     SIDE_VERSION,
@@ -427,6 +427,7 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
     x1 = torch.zeros(1, 3, h, w)
     folder = results_dir("speed", out)
     entries = Entries(folder, resume=resume)
+    machine_id = timing_identity(device, threads)  # every entry here is measured: --resume elsewhere measures it again
     dense: dict[str, nn.Module] = {}
 
     def model(label: str) -> nn.Module:
@@ -439,12 +440,14 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
     for label in sc.models:
         if label not in ROUND_TO:  # 7. the latency floor
             floors.append({"model": label, **entries.get(f"floor_{scale}_{sc.models[label][0]}",
-                                                         lambda label=label: floor_entry(model(label), sc, device))})
+                                                         lambda label=label: floor_entry(model(label), sc, device),
+                                                         fingerprint("floor", machine_id))})
         for target in targets:
             r = ROUND_TO.get(label, 1)
             row = entries.get(f"latency_{scale}_{sc.models[label][0]}{f'_round{r}' if r > 1 else ''}_{target}",
                               lambda label=label, target=target, r=r: _latency_entry(model(label), target, sc, device,
-                                                                                     round_to=r))
+                                                                                     round_to=r),
+                              fingerprint("latency", machine_id))
             rows.append({"model": label, **row})
         # 5. side by side (the latency row rounds widths to the device's own channel blocking)
         if label not in ROUND_TO and (cmp.models is None or label in cmp.models):
@@ -453,22 +456,24 @@ def run(scale: str = "cpu", out: str | Path | None = None, threads: int | None =
                         threads or torch.get_num_threads(), cmp, folder / "latency_tables")
                 row = entries.get(f"side_{scale}_{sc.models[label][0]}_{target}",
                                   lambda label=label, args=args: side_by_side_entry(model(label), *args),
-                                  fingerprint("side", SIDE_VERSION))
+                                  fingerprint("side", SIDE_VERSION, machine_id))
                 # 5b. hardware widths at MACs t: entries of their own, so that those of section 5 stay valid
                 hw = entries.get(f"side_hw_{scale}_{sc.models[label][0]}_{target}",
                                  lambda label=label, args=args: hardware_entry(model(label), *args),
-                                 hardware_fingerprint(cmp, MIN_CHANNELS, sc.tolerance))
+                                 fingerprint(hardware_fingerprint(cmp, MIN_CHANNELS, sc.tolerance), machine_id))
                 side.append({"model": label, **row, "hardware": hw})
         dense.pop(label, None)
     prune_time = [entries.get(f"prune_time_{scale}_{m}_{t}",
                               lambda m=m, t=t: prune_time_entry(m, cmp.prune_input, t, seed, cmp.prune_repeats),
-                              fingerprint("prune_time", 2, cmp.prune_repeats))  # 2: rounds on fresh copies
+                              fingerprint("prune_time", 2, cmp.prune_repeats, machine_id))  # 2: rounds on fresh copies
                   for m in cmp.prune_models for t in cmp.prune_targets]
     first = next(iter(sc.models))
     storage = [entries.get(f"storage_{scale}_{s}", lambda s=s: _storage_entry(model(first), s, x1))
                for s in sparsities]
-    engine = entries.get(f"stats_engine_{scale}", lambda: _engine_entry(model(first), tasks, sc, device, seed))
-    memory = entries.get(f"memory_{scale}", lambda: _memory_section(sc, threads or torch.get_num_threads(), device))
+    engine = entries.get(f"stats_engine_{scale}", lambda: _engine_entry(model(first), tasks, sc, device, seed),
+                         fingerprint("stats_engine", machine_id))
+    memory = entries.get(f"memory_{scale}", lambda: _memory_section(sc, threads or torch.get_num_threads(), device),
+                         fingerprint("memory", machine_id))
     result = {
         "suite": "speed", "scale": scale, "machine": machine(), "command": command_line("speed"),
         "setting": {"input": [3, h, w], "batch": sc.batch, "width": sc.width, "tasks": list(tasks),
@@ -542,7 +547,7 @@ def _markdown(r: dict) -> str:
     m, s = r["machine"], r["setting"]
     lines = [f"# speed ({r['scale']})", "", f"Command: `{r.get('command', 'mtprune bench speed')}`.", "",
              f"Tasks {', '.join(s['tasks'])}, width {s['width']}, input {s['input']}, batch {s['batch']}, "
-             f"{m['threads']} threads on {m['device']} ({m['cores']} cores), torch {m['torch']}, {m['date']}.", "",
+             f"{m['threads']} threads on {where(m)} ({m['cores']} cores), torch {m['torch']}, {m['date']}.", "",
              "## Latency against MACs", "",
              f"`l1`, global ranking, min {s['min_channels']} channels; {s['pairs']} alternating dense/pruned pairs: "
              "minimum of each, median of the per-pair speed-ups.", "",

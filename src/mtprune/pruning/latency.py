@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -53,6 +52,7 @@ from ..measure import measure_latency
 from ..utils.atomic import atomic_write_json
 from ..utils.errors import MTPruneInputError
 from ..utils.inputs import call_model, first_samples, map_tensors
+from ..utils.runtime import device_name
 from .cost import CostModel, LayerShape, Plan
 
 __all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "PairedTimer", "check_floor", "hardware_round_to",
@@ -145,9 +145,7 @@ class LatencySetting:
     def describe(self) -> dict[str, Any]:
         """The setting as recorded in reports and cache files (the device named)."""
         dev = self.torch_device
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (
-            f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}")
-        return {"device": str(dev), "device_name": name,
+        return {"device": str(dev), "device_name": device_name(dev),
                 "threads": self.threads or torch.get_num_threads() if dev.type == "cpu" else None,
                 "batch": self.batch, "dtype": self.dtype, "torch": torch.__version__, "grid": self.grid}
 
