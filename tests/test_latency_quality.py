@@ -29,7 +29,9 @@ def test_latency_quality_small(tmp_path):
     assert b["prediction"]["goal_ms"] == pytest.approx(a["latency_ratio"] * b["prediction"]["dense_measured_ms"])
     for v in (a, b):
         assert math.isfinite(v["delta_m"]) and v["measured_ms"] > 0 and set(v["metrics"]) == {"seg", "depth", "normal"}
-    assert row["latency_matched"] == (abs(b["speedup"] / a["speedup"] - 1) <= LATENCY_MATCH)
+    # judged on the two pruned models' own per-round ratio, timed in the same rotation as the speed-ups
+    assert row["latency_vs_macs"] > 0 and row["rounds"] >= 10
+    assert row["latency_matched"] == (abs(1 / row["latency_vs_macs"] - 1) <= LATENCY_MATCH)
     assert row["latency_no_worse"] == ((b["delta_m"] >= a["delta_m"]) if row["latency_matched"] else None)
     assert saved["of"] + saved["unmatched"] == 1
     assert list((tmp_path / "latency_tables").glob("*.json"))
@@ -56,9 +58,16 @@ def test_a_latency_model_off_its_target_gets_no_verdict():
     assert fast["latency_matched"] is False and fast["latency_no_worse"] is None
     refused = judge(_row((2.0, 0.0), (-1.0, 0.0), refused=True))
     assert refused["latency_matched"] is None and refused["latency_no_worse"] is None
-    rows = [slow, fair, worse, refused]
+    # with the direct ratio of the two pruned models (timed in one rotation) the verdict rests on it, not on the
+    # quotient of their two speed-ups over dense
+    direct = judge({**_row((2.0, 2.0), (-3.0, -1.0)), "latency_vs_macs": 1 + 2 * LATENCY_MATCH})
+    assert direct["latency_matched"] is False and direct["latency_no_worse"] is None
+    direct_fair = judge({**_row((2.0, 1.7), (-3.0, -1.0)), "latency_vs_macs": 1.02})
+    assert direct_fair["latency_matched"] is True and direct_fair["latency_no_worse"] is True
+    rows = [slow, fair, worse, refused, direct_fair]
     text = markdown({"scale": "cpu", "criterion": "task_taylor", "finetune_epochs": 6, "rows": rows,
                      "machine": {"threads": 2, "device": "cpu", "torch": "x", "date": "d"},
                      "no_worse": 1, "of": 2, "unmatched": 1, "refused": 1, "latency_match": LATENCY_MATCH})
     assert "in 1 of 2 matched rows; 1 rows not matched" in text and "| no | – |" in text
     assert "-1.00 (MACs ranking) | yes | yes |" in text
+    assert "| yes (1.020) | yes |" in text

@@ -4,6 +4,10 @@ nothing is timed for real."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +130,31 @@ def test_paired_timer_times_candidate_against_the_reference_alongside():
     assert CLOCK.log == ["w20", "w20", "w5", "w5", "w5", "w5", "w20", "w20", "w20", "w20", "w5", "w5"]
     assert timer.reference is not dense  # the caller's model is not moved or changed
     CLOCK.load = 1.0
+
+
+_MAPS_PROBE = """
+import sys, torch
+from mtprune.pruning.latency import interleaved_times
+if sys.argv[1] == "timed":
+    interleaved_times({"noop": lambda: None}, 1)
+def maps():
+    return set(open("/proc/self/maps").read().splitlines())
+def size(line):
+    lo, hi = line.split()[0].split("-")
+    return int(hi, 16) - int(lo, 16)
+before = maps()
+block = torch.empty(8 << 20, dtype=torch.uint8)
+print(sum(len(line.split()) == 5 and size(line) >= 8 << 20 for line in maps() - before))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_timing_starts_from_the_allocators_steady_state():
+    """A fresh process maps every large block anew (an anonymous mapping appears for it); once anything has been
+    timed, large blocks come from the heap, as in a process that has run a while (utils.runtime.steady_allocator)."""
+    def new_mappings(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _MAPS_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert new_mappings("fresh") == 1
+    assert new_mappings("timed") == 0

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 from .models.validate import check_multitask_output
 from .utils.errors import MTPruneInputError
 from .utils.inputs import call_model, first_samples, leaves, to_device
-from .utils.runtime import eval_mode
+from .utils.runtime import eval_mode, steady_allocator
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 ALL_SUBSETS_UP_TO = 5  # by default every task subset is listed for at most this many tasks
@@ -422,6 +422,7 @@ def _supports_task_subsets(model: nn.Module) -> bool:
 def measure_latency(fn, *, warmup: int = 3, repeats: int = 10, device: torch.device | None = None) -> float:
     """Median wall time of ``fn()`` in milliseconds; CUDA events on GPU."""
     cuda = device is not None and device.type == "cuda"
+    steady_allocator()
     with torch.inference_mode():
         for _ in range(warmup):
             fn()

@@ -52,7 +52,7 @@ from ..measure import measure_latency
 from ..utils.atomic import atomic_write_json
 from ..utils.errors import MTPruneInputError
 from ..utils.inputs import call_model, first_samples, map_tensors
-from ..utils.runtime import device_name
+from ..utils.runtime import device_name, steady_allocator
 from .cost import CostModel, LayerShape, Plan
 
 __all__ = ["LatencyModel", "LatencySetting", "LatencyTable", "PairedTimer", "check_floor", "hardware_round_to",
@@ -391,6 +391,7 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm
     cuda = dev is not None and dev.type == "cuda"
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
+    steady_allocator()  # as after hours of serving: timings early in a process agree with later ones
     with torch.inference_mode():
         for r in range(rounds):
             for k in keys if r % 2 == 0 else keys[::-1]:
