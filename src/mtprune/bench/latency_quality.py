@@ -61,7 +61,7 @@ def quality_entry(setup: _Setup, target: float, ft_epochs: int, run_dir: Path, s
     cfg, x = setup.cfg, setup.x
     models, reports = {}, {}
     dense = load_model(setup.dense_path, base=setup.fresh())
-    # the latency table before any timing: after it was measured, the same pruned models timed 3-7 % slower against
+    # the latency table before any timing: after it was measured, the same pruned models timed 2-7 % slower against
     # the dense one than before (MACs 0.5 and 0.1, 2026-12-04), so a target taken before is not the one judged after
     model_latency(dense, x, setting)
     for kind in ("equal_macs", "equal_latency"):
